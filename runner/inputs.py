@@ -1,0 +1,258 @@
+"""Reading a jobs file: one JSON object per line, turned into the request body we will send.
+
+Three shapes are accepted (a ``prompt`` with optional ``system``; a ``messages`` list; a raw API
+request body), each with optional overrides (``model``/``modelUri``, ``completionOptions``,
+``jsonObject``, ``jsonSchema``, ``tools`` ...). Every line is normalised into the exact body the
+API receives, serialised canonically (sorted keys, compact), so "same job" means "same bytes"
+and a rerun with an unchanged file is recognised line by line.
+
+The file is read as bytes, one bounded line at a time, so a million-line file or a 10 MB line
+costs no more memory than a short one; problems are yielded, not raised, so the caller can
+report every bad line at once and store nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from runner.errors import Problem, UsageError
+
+MAX_LINE_BYTES = 1 << 20  # a 32k-token context is ~130 KB of text; 1 MiB leaves room for tools
+MAX_ID_CHARS = 256
+ROLES = ("system", "user", "assistant")
+MODEL_SCHEMES = ("gpt://", "ds://")
+DEFAULT_MODEL = "yandexgpt-lite"
+
+_PASSTHROUGH = ("jsonObject", "jsonSchema", "tools", "toolChoice", "parallelToolCalls")
+_KNOWN = frozenset(
+    ("id", "prompt", "system", "messages", "model", "modelUri", "completionOptions", *_PASSTHROUGH)
+)
+_OPTION_KEYS = frozenset(("stream", "temperature", "maxTokens", "reasoningOptions"))
+_REASONING_MODES = ("REASONING_MODE_UNSPECIFIED", "DISABLED", "ENABLED_HIDDEN")
+
+
+@dataclass(frozen=True)
+class Spec:
+    line: int
+    id: str
+    body: str  # canonical JSON of the request body
+
+
+class _Bad(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def model_uri(model: str, folder_id: str) -> str:
+    """Expand a short model name (``yandexgpt-lite``, ``yandexgpt/rc``) into a ``gpt://`` URI."""
+    if "://" in model:
+        if not model.startswith(MODEL_SCHEMES):
+            raise _Bad("model", f"unknown model URI scheme in {model!r}; expected gpt:// or ds://")
+        return model
+    if not model or model.strip() != model:
+        raise _Bad("model", f"invalid model name {model!r}")
+    return f"gpt://{folder_id}/{model}" + ("" if "/" in model else "/latest")
+
+
+def canonical(body: dict[str, Any]) -> str:
+    return json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def open_jobs_file(path: str) -> IO[bytes]:
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory, not a jobs file")
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_jobs(path: str, folder_id: str, default_uri: str) -> Iterator[Spec | Problem]:
+    """Yield a ``Spec`` per job line and a ``Problem`` per bad line, in file order."""
+    with open_jobs_file(path) as f:
+        for number, raw in _lines(f):
+            if raw is None:
+                yield Problem(path, number, "", f"line longer than {MAX_LINE_BYTES} bytes")
+                continue
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                yield Problem(
+                    path, 1, "", "file starts with a UTF-8 byte-order mark; save it without BOM"
+                )
+                continue
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Problem(path, number, "", f"invalid UTF-8 at byte {e.start}")
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                hint = " (truncated line?)" if not raw.endswith(b"\n") else ""
+                yield Problem(path, number, "", f"not valid JSON: {e.msg}{hint}")
+                continue
+            try:
+                job_id, body = parse_job(obj, number, folder_id, default_uri)
+            except _Bad as e:
+                yield Problem(path, number, e.field, e.message)
+                continue
+            yield Spec(number, job_id, canonical(body))
+
+
+def _lines(f: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    """Physical lines with 1-based numbers; ``None`` for a line over the size limit."""
+    number = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > MAX_LINE_BYTES:
+            while raw and not raw.endswith(b"\n"):  # skip the rest without holding it
+                raw = f.readline(MAX_LINE_BYTES)
+            yield number, None
+        else:
+            yield number, raw
+
+
+def parse_job(obj: Any, line: int, folder_id: str, default_uri: str) -> tuple[str, dict[str, Any]]:
+    """Validate one decoded line and build the request body; raises ``_Bad`` on the first fault."""
+    if not isinstance(obj, dict):
+        raise _Bad("", f"expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - _KNOWN)
+    if unknown:
+        raise _Bad(unknown[0], "unknown field")
+    job_id = _job_id(obj.get("id", f"line-{line}"))
+
+    if "prompt" in obj:
+        if "messages" in obj:
+            raise _Bad("prompt", "give either prompt or messages, not both")
+        messages = []
+        if "system" in obj:
+            messages.append({"role": "system", "text": _text(obj["system"], "system")})
+        messages.append({"role": "user", "text": _text(obj["prompt"], "prompt")})
+    elif "messages" in obj:
+        if "system" in obj:
+            raise _Bad("system", "put the system message inside messages")
+        messages = _messages(obj["messages"])
+    else:
+        raise _Bad("prompt", "missing: give prompt or messages")
+
+    if "model" in obj and "modelUri" in obj:
+        raise _Bad("model", "give either model or modelUri, not both")
+    if "modelUri" in obj:
+        uri_value = obj["modelUri"]
+        if not isinstance(uri_value, str) or "://" not in uri_value:
+            raise _Bad("modelUri", "must be a string like gpt://<folder>/<model>/latest")
+        uri = model_uri(uri_value, "")
+    elif "model" in obj:
+        if not isinstance(obj["model"], str):
+            raise _Bad("model", "must be a string")
+        uri = model_uri(obj["model"], folder_id)
+    else:
+        uri = default_uri
+
+    body: dict[str, Any] = {
+        "modelUri": uri,
+        "completionOptions": _options(obj.get("completionOptions", {})),
+        "messages": messages,
+    }
+    for key in _PASSTHROUGH:
+        if key in obj:
+            body[key] = obj[key]
+    if "jsonObject" in body and not isinstance(body["jsonObject"], bool):
+        raise _Bad("jsonObject", "must be true or false")
+    if "jsonSchema" in body and not (
+        isinstance(body["jsonSchema"], dict) and isinstance(body["jsonSchema"].get("schema"), dict)
+    ):
+        raise _Bad("jsonSchema", 'must be {"schema": {...}}')
+    if body.get("jsonObject") and "jsonSchema" in body:
+        raise _Bad("jsonSchema", "give either jsonObject or jsonSchema, not both")
+    if "tools" in body and not isinstance(body["tools"], list):
+        raise _Bad("tools", "must be a list")
+    return job_id, body
+
+
+def _job_id(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _Bad("id", "must be a string or an integer")
+    text = str(value)
+    if not text or len(text) > MAX_ID_CHARS:
+        raise _Bad("id", f"must be 1 to {MAX_ID_CHARS} characters")
+    return text
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(field, "must be a string")
+    if not value.strip():
+        raise _Bad(field, "must not be empty")
+    return value
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _Bad("messages", "must be a list")
+    if not value:
+        raise _Bad("messages", "must not be empty")
+    out = []
+    for i, msg in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise _Bad(where, "must be an object with role and text")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise _Bad(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        if "text" in msg:
+            _text(msg["text"], f"{where}.text")
+        elif not ("toolCallList" in msg or "toolResultList" in msg):
+            raise _Bad(f"{where}.text", "missing")
+        out.append(msg)
+    if all(m["role"] == "system" for m in out):
+        raise _Bad("messages", "needs at least one user or assistant message")
+    return out
+
+
+def _options(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Bad("completionOptions", "must be an object")
+    unknown = sorted(set(value) - _OPTION_KEYS)
+    if unknown:
+        raise _Bad(f"completionOptions.{unknown[0]}", "unknown option")
+    opts: dict[str, Any] = {"stream": False}
+    if value.get("stream", False) is not False:
+        raise _Bad("completionOptions.stream", "streaming is not supported by completionAsync")
+    if "temperature" in value:
+        t = value["temperature"]
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 1:
+            raise _Bad("completionOptions.temperature", f"must be a number from 0 to 1, got {t!r}")
+        opts["temperature"] = t
+    if "maxTokens" in value:
+        opts["maxTokens"] = str(_positive_int(value["maxTokens"], "completionOptions.maxTokens"))
+    if "reasoningOptions" in value:
+        ro = value["reasoningOptions"]
+        if not isinstance(ro, dict) or ro.get("mode", "") not in _REASONING_MODES:
+            raise _Bad(
+                "completionOptions.reasoningOptions.mode",
+                f"must be one of {', '.join(_REASONING_MODES)}",
+            )
+        opts["reasoningOptions"] = ro
+    return opts
+
+
+def _positive_int(value: Any, field: str) -> int:
+    # int64 fields arrive as numbers or as decimal strings (proto3 JSON); accept both
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _Bad(field, f"must be a positive integer, got {value!r}")
+    return value
