@@ -111,6 +111,7 @@ class Emulator:
         self.stats: collections.Counter[str] = collections.Counter()
         self.submits_per_body: collections.Counter[str] = collections.Counter()
         self.messages_seen: list[int] = []
+        self.idem_keys: list[str] = []  # Idempotency-Key of every accepted submit, in order
         self.sync_inflight = 0
         c = self.config
         self.windows: dict[str, list[Window]] = {"submit": [], "poll": [], "complete": []}
@@ -285,6 +286,7 @@ class Emulator:
         self.stats["submits"] += 1
         self.submits_per_body[body_key(body)] += 1
         self.messages_seen.append(len(body["messages"]))
+        self.idem_keys.append(key or "")
         now = time.monotonic()
         c = self.config
         op = Op(f"d7q{uuid.uuid4().hex[:17]}", body, now, now + self._latency())

@@ -27,7 +27,7 @@ class PollPolicy:
     initial: float = 1.0
     min_wait: float = 0.02
     max_wait: float = 600.0
-    eta: float = 0.08
+    eta: float = 0.02  # the step's floor; early steps are larger (see observe_first_poll)
 
     def __post_init__(self) -> None:
         self._log_first = math.log(self.initial)
@@ -39,7 +39,9 @@ class PollPolicy:
 
     def observe_first_poll(self, done: bool) -> None:
         self.observed += 1
-        self._log_first += -self.eta * (1 - self.quantile) if done else self.eta * self.quantile
+        # big steps first (from a 1 s guess to minutes within ~100 jobs), then small ones
+        eta = max(self.eta, 0.5 / math.sqrt(self.observed))
+        self._log_first += -eta * (1 - self.quantile) if done else eta * self.quantile
         lo, hi = math.log(self.min_wait), math.log(self.max_wait)
         self._log_first = min(hi, max(lo, self._log_first))
 

@@ -1,0 +1,73 @@
+"""Helpers for tests that run runner as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import SENTINEL_KEY
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def runner_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "runner", *args]
+
+
+def child_env(url: str | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YC_", "RUNNER_"))}
+    env.update(YC_API_KEY=SENTINEL_KEY, YC_FOLDER_ID="b1gtestfolder", RUNNER_ZERO_BACKOFF="1")
+    if url:
+        env.update(RUNNER_LLM_URL=url, RUNNER_OPERATION_URL=url)
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def emulator_process(*args: str) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        runner_cmd("emulator", "--port", str(port), *args),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/emulator/stats", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("emulator did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def emulator_stats(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/emulator/stats", timeout=5) as resp:
+        data: dict[str, Any] = json.load(resp)
+        return data
+
+
+def make_jobs(path: Path, n: int) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"j{i}", "prompt": f"prompt number {i}"}) + "\n")
+    return path

@@ -1,0 +1,132 @@
+"""Input parsing: the three shapes, overrides, and every kind of bad line reported precisely."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runner.errors import Problem, UsageError
+from runner.inputs import MAX_LINE_BYTES, Spec, read_jobs
+
+URI = "gpt://fold/yandexgpt-lite/latest"
+
+
+def parse(tmp_path: Path, *lines: str | bytes) -> list[Spec | Problem]:
+    p = tmp_path / "jobs.jsonl"
+    p.write_bytes(b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\n" for ln in lines))
+    return list(read_jobs(str(p), "fold", URI))
+
+
+def body(item: Spec | Problem) -> dict:
+    assert isinstance(item, Spec), item
+    return json.loads(item.body)
+
+
+def test_prompt_shape_with_system(tmp_path: Path) -> None:
+    [spec] = parse(tmp_path, '{"id": "q1", "prompt": "Привет", "system": "Будь краток"}')
+    assert spec.id == "q1"
+    assert body(spec) == {
+        "modelUri": URI,
+        "completionOptions": {"stream": False},
+        "messages": [{"role": "system", "text": "Будь краток"}, {"role": "user", "text": "Привет"}],
+    }
+
+
+def test_messages_shape_and_overrides(tmp_path: Path) -> None:
+    line = {
+        "id": "q2",
+        "messages": [{"role": "user", "text": "hi"}],
+        "model": "yandexgpt/rc",
+        "completionOptions": {"temperature": 0.5, "maxTokens": 100,
+                              "reasoningOptions": {"mode": "DISABLED"}},
+        "jsonSchema": {"schema": {"type": "object"}},
+    }  # fmt: skip
+    b = body(parse(tmp_path, json.dumps(line))[0])
+    assert b["modelUri"] == "gpt://fold/yandexgpt/rc"
+    assert b["completionOptions"] == {
+        "stream": False, "temperature": 0.5, "maxTokens": "100",
+        "reasoningOptions": {"mode": "DISABLED"},
+    }  # fmt: skip
+    assert b["jsonSchema"] == {"schema": {"type": "object"}}
+
+
+def test_raw_body_shape_keeps_its_model_uri(tmp_path: Path) -> None:
+    raw = {
+        "modelUri": "gpt://other/yandexgpt/latest",
+        "completionOptions": {"stream": False, "temperature": 0.6, "maxTokens": "2000"},
+        "messages": [{"role": "user", "text": "x"}],
+    }
+    [spec] = parse(tmp_path, "", json.dumps(raw), "   ")
+    assert spec.id == "line-2" and spec.line == 2  # blank lines skipped, numbering kept
+    assert body(spec)["modelUri"] == "gpt://other/yandexgpt/latest"
+    assert body(spec)["completionOptions"]["maxTokens"] == "2000"
+
+
+def test_same_job_serialises_identically(tmp_path: Path) -> None:
+    a, b = parse(
+        tmp_path,
+        '{"id": "x", "prompt": "p", "completionOptions": {"temperature": 0.1, "maxTokens": 5}}',
+        '{"completionOptions": {"maxTokens": "5", "temperature": 0.1}, "prompt": "p", "id": "x"}',
+    )
+    assert isinstance(a, Spec) and isinstance(b, Spec) and a.body == b.body
+
+
+BAD = [
+    ("not json", "{oops", "", "not valid JSON"),
+    ("array", "[1, 2]", "", "expected a JSON object"),
+    ("missing prompt", '{"id": "a"}', "prompt", "missing"),
+    ("empty messages", '{"messages": []}', "messages", "must not be empty"),
+    ("unknown role", '{"messages": [{"role": "bot", "text": "x"}]}', "messages[0].role", "must be one of"),
+    ("text not string", '{"messages": [{"role": "user", "text": 5}]}', "messages[0].text", "must be a string"),
+    ("prompt not string", '{"prompt": ["a"]}', "prompt", "must be a string"),
+    ("unknown scheme", '{"prompt": "x", "modelUri": "emb://f/text-search-doc"}', "model", "unknown model URI scheme"),
+    ("maxTokens zero", '{"prompt": "x", "completionOptions": {"maxTokens": 0}}', "completionOptions.maxTokens", "positive integer"),
+    ("maxTokens float", '{"prompt": "x", "completionOptions": {"maxTokens": 1.5}}', "completionOptions.maxTokens", "positive integer"),
+    ("temperature", '{"prompt": "x", "completionOptions": {"temperature": 1.5}}', "completionOptions.temperature", "from 0 to 1"),
+    ("unknown field", '{"promt": "x"}', "promt", "unknown field"),
+    ("id type", '{"id": {"a": 1}, "prompt": "x"}', "id", "string or an integer"),
+    ("stream", '{"prompt": "x", "completionOptions": {"stream": true}}', "completionOptions.stream", "not supported"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "line", "field", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_line_names_line_and_field(
+    tmp_path: Path, name: str, line: str, field: str, message: str
+) -> None:
+    items = parse(tmp_path, '{"prompt": "fine"}', line)
+    assert isinstance(items[0], Spec)
+    problem = items[1]
+    assert isinstance(problem, Problem), problem
+    assert (problem.line, problem.field) == (2, field)
+    assert message in problem.message
+    assert str(problem).startswith(f"{tmp_path / 'jobs.jsonl'}:2")
+
+
+def test_invalid_utf8_bom_and_truncated_last_line(tmp_path: Path) -> None:
+    p = tmp_path / "jobs.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "\xff"}\n{"prompt": "cut')
+    problems = list(read_jobs(str(p), "f", URI))
+    assert [(x.line, x.message.split(" ")[0]) for x in problems if isinstance(x, Problem)] == [
+        (1, "file"), (2, "invalid"), (3, "not"),
+    ]  # fmt: skip
+    assert "truncated" in problems[2].message  # type: ignore[union-attr]
+
+
+def test_huge_line_is_reported_without_reading_it_whole(tmp_path: Path) -> None:
+    p = tmp_path / "jobs.jsonl"
+    with p.open("wb") as f:
+        f.write(b'{"prompt": "' + b"a" * (10 * MAX_LINE_BYTES) + b'"}\n{"prompt": "next"}\n')
+    items = list(read_jobs(str(p), "f", URI))
+    assert (
+        isinstance(items[0], Problem) and items[0].line == 1 and "longer than" in items[0].message
+    )
+    assert isinstance(items[1], Spec) and items[1].line == 2
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such file"):
+        list(read_jobs(str(tmp_path / "nope.jsonl"), "f", URI))
+    with pytest.raises(UsageError, match="is a directory"):
+        list(read_jobs(str(tmp_path), "f", URI))

@@ -1,0 +1,194 @@
+"""The whole flow over real loopback HTTP and real SQLite files, including resumes from the
+states a crash leaves behind."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner import emulator as emu
+from runner.errors import InputError, StoreError
+from tests.conftest import Emu, db_rows, read_out, run_against, write_jobs
+
+pytestmark = pytest.mark.anyio
+
+JOBS = [
+    {"id": "q1", "prompt": "Напиши хокку", "system": "Ты поэт"},
+    {"id": "q2", "messages": [{"role": "system", "text": "s"}, {"role": "user", "text": "two"}]},
+    {"modelUri": "gpt://f/yandexgpt/latest", "completionOptions": {"maxTokens": "10"},
+     "messages": [{"role": "user", "text": "raw"}]},
+]  # fmt: skip
+
+
+def expected_text(tmp_path: Path, job_id: str) -> str:
+    [(body,)] = db_rows(tmp_path / "runner.db", "SELECT body FROM jobs WHERE id = ?", job_id)
+    return emu.answer_for(json.loads(body))
+
+
+async def test_every_shape_runs_and_results_join_by_id(emulator: Emu, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    report = await run_against(emulator, tmp_path, jobs)
+    assert report.exit_code == 0 and report.added == 3
+    lines = {r["id"]: r for r in read_out(tmp_path / "out.jsonl")}
+    assert set(lines) == {"q1", "q2", "line-3"}
+    for job_id, line in lines.items():
+        assert line["status"] == "done"
+        assert line["text"] == expected_text(tmp_path, job_id)
+        assert all(isinstance(v, int) for v in line["usage"].values())
+        assert line["usage"]["totalTokens"] == (
+            line["usage"]["inputTextTokens"] + line["usage"]["completionTokens"]
+        )
+        assert line["operationId"].startswith("d7q") and line["attempts"] == 1
+        assert line["alternativeStatus"] == "ALTERNATIVE_STATUS_FINAL"
+    assert emulator.stats["submits"] == 3
+
+
+async def test_second_run_submits_nothing_and_writes_nothing(emulator: Emu, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    await run_against(emulator, tmp_path, jobs)
+    before = (tmp_path / "out.jsonl").read_bytes()
+    report = await run_against(emulator, tmp_path, jobs)
+    assert (report.added, report.known) == (0, 3)
+    assert emulator.stats["submits"] == 3
+    assert (tmp_path / "out.jsonl").read_bytes() == before
+
+
+async def test_known_id_with_changed_content_is_refused(emulator: Emu, tmp_path: Path) -> None:
+    await run_against(emulator, tmp_path, write_jobs(tmp_path / "a.jsonl", JOBS))
+    changed = write_jobs(
+        tmp_path / "b.jsonl", [{"id": "new", "prompt": "x"}, {"id": "q1", "prompt": "changed"}]
+    )
+    db = tmp_path / "runner.db"
+    before = db.read_bytes()
+    with pytest.raises(InputError) as info:
+        await run_against(emulator, tmp_path, changed)
+    assert info.value.problems[0].line == 2 and "different content" in str(info.value)
+    assert db.read_bytes() == before
+    assert db_rows(db, "SELECT COUNT(*) FROM jobs") == [(3,)]
+
+
+async def test_bad_file_stores_nothing_and_leaves_no_database(
+    emulator: Emu, tmp_path: Path
+) -> None:
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        [{"prompt": "ok"}, "{bad", {"id": "d", "prompt": "1"}, {"id": "d", "prompt": "2"}],
+    )
+    with pytest.raises(InputError) as info:
+        await run_against(emulator, tmp_path, jobs)
+    assert [p.line for p in info.value.problems] == [2, 4]
+    assert "duplicate id 'd' (first on line 3)" in str(info.value)
+    assert not (tmp_path / "runner.db").exists()
+    assert emulator.stats["requests"] == 0
+
+
+def seed_crash_state(tmp_path: Path) -> dict[str, str]:
+    """Rewrite a finished database into the state a kill leaves: one job of each kind."""
+    db = sqlite3.connect(tmp_path / "runner.db")
+    with db:
+        db.execute("UPDATE jobs SET state='pending', finish_seq=NULL, result=NULL, operation_id=NULL, "
+                   "idem_key=NULL WHERE id='q1'")  # fmt: skip
+        db.execute("UPDATE jobs SET state='submitting', finish_seq=NULL, result=NULL, operation_id=NULL "
+                   "WHERE id='q2'")  # fmt: skip
+        db.execute(
+            "UPDATE jobs SET state='running', finish_seq=NULL, result=NULL WHERE id='line-3'"
+        )
+        keys = dict(db.execute("SELECT id, idem_key FROM jobs"))
+    db.close()
+    return keys
+
+
+async def test_resume_polls_running_resends_submitting_and_skips_done(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    e = await make_emulator()
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [*JOBS, {"id": "q4", "prompt": "done already"}])
+    await run_against(e, tmp_path, jobs, output=None)
+    keys = seed_crash_state(tmp_path)
+    submits_before = e.stats["submits"]
+    report = await run_against(e, tmp_path, None)
+    assert report.exit_code == 0
+    # q1 (pending) and q2 (submitting: ambiguous) are sent; line-3 (running) is only polled
+    assert e.stats["submits"] - submits_before == 2
+    assert (
+        keys["q2"] in e.emulator.idem_keys[submits_before:]
+    )  # the ambiguous one reuses its idempotency key
+    assert db_rows(
+        tmp_path / "runner.db", "SELECT id, ambiguous FROM jobs WHERE ambiguous > 0"
+    ) == [("q2", 1)]
+    out = read_out(tmp_path / "out.jsonl")
+    assert sorted(r["id"] for r in out) == ["line-3", "q1", "q2", "q4"]
+
+
+async def test_torn_output_tail_is_cut_and_rewritten_once(emulator: Emu, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    await run_against(emulator, tmp_path, jobs)
+    out = tmp_path / "out.jsonl"
+    with out.open("ab") as f:
+        f.write(b'{"id": "q1", "status": "do')  # a kill mid-append, never committed
+    await run_against(emulator, tmp_path, None)
+    lines = read_out(out)
+    assert sorted(r["id"] for r in lines) == ["line-3", "q1", "q2"]
+
+
+async def test_new_output_path_gets_every_result(emulator: Emu, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    await run_against(emulator, tmp_path, jobs)
+    await run_against(emulator, tmp_path, None, output="other.jsonl")
+    assert len(read_out(tmp_path / "other.jsonl")) == 3
+    (tmp_path / "other.jsonl").write_text("")  # truncated by hand: rebuilt from the database
+    await run_against(emulator, tmp_path, None, output="other.jsonl")
+    assert len(read_out(tmp_path / "other.jsonl")) == 3
+
+
+async def test_failed_operation_is_reported_with_exit_1(make_emulator: Any, tmp_path: Path) -> None:
+    e = await make_emulator(op_error_rate=1.0)
+    report = await run_against(e, tmp_path, write_jobs(tmp_path / "j.jsonl", JOBS[:1]))
+    assert report.exit_code == 1
+    [line] = read_out(tmp_path / "out.jsonl")
+    assert line["status"] == "failed" and line["error"]["code"] == 3
+    assert "generation failed" in line["error"]["message"]
+
+
+async def test_foreign_and_newer_databases_are_refused_untouched(
+    emulator: Emu, tmp_path: Path
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    db = tmp_path / "runner.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE customers (id INTEGER)")
+    con.commit()
+    con.close()
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match="did not create"):
+        await run_against(emulator, tmp_path, jobs)
+    assert db.read_bytes() == before
+
+    db.unlink()
+    await run_against(emulator, tmp_path, jobs)
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO runner_migrations VALUES (9999, 'future.sql', 0)")
+    con.commit()
+    con.close()
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match="newer runner"):
+        await run_against(emulator, tmp_path, None)
+    assert db.read_bytes() == before
+
+    db.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        await run_against(emulator, tmp_path, jobs)
+
+
+async def test_migrations_are_applied_once_and_recorded(emulator: Emu, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    await run_against(emulator, tmp_path, jobs)
+    await run_against(emulator, tmp_path, None)
+    rows = db_rows(tmp_path / "runner.db", "SELECT number, name FROM runner_migrations")
+    assert rows and rows[0] == (1, "0001_jobs.sql")
+    assert len(rows) == len({r[0] for r in rows})
+    assert db_rows(tmp_path / "runner.db", "PRAGMA journal_mode") == [("wal",)]

@@ -1,0 +1,115 @@
+"""The small pure pieces: backoff, pacing, poll policy, error and operation parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner import backoff
+from runner.api import classify, parse_completion, parse_error, parse_operation, retry_after_seconds
+from runner.polling import PollPolicy
+
+pytestmark = pytest.mark.anyio
+
+
+def test_delay_is_capped_jittered_and_honours_retry_after() -> None:
+    backoff.set_testing(False)
+    try:
+        assert backoff.delay(1, rand=0.0) == 0.5
+        assert backoff.delay(1, rand=1.0) == 1.0
+        assert backoff.delay(4, rand=1.0) == 8.0
+        assert backoff.delay(50, rand=1.0) == 60.0  # capped
+        assert backoff.delay(1, rand=0.0, retry_after=7.0) == 7.0
+        assert backoff.delay(1, rand=1.0, retry_after=10_000.0) == 3600.0
+    finally:
+        backoff.set_testing(True)
+    assert backoff.delay(9, retry_after=30.0) == 0.0  # the testing switch zeroes waits
+
+
+async def test_pacer_spaces_slots_and_halves_on_throttle() -> None:
+    import anyio
+
+    pacer = backoff.Pacer(rate=100.0)
+    start = anyio.current_time()
+    for _ in range(11):
+        await pacer.slot()
+    assert anyio.current_time() - start >= 0.099
+    pacer.throttle(None)
+    assert pacer.rate == 50.0 and pacer.throttled == 1
+    for _ in range(1000):
+        pacer.success()
+    assert pacer.rate == 100.0  # recovers, never above the limit
+
+
+async def test_pacer_hour_window_blocks_past_the_hourly_limit() -> None:
+    import anyio
+
+    pacer = backoff.Pacer(rate=1000.0, per_hour=3)
+    for _ in range(3):
+        await pacer.slot()
+    with anyio.move_on_after(0.2) as scope:
+        await pacer.slot()
+    assert scope.cancelled_caught  # the fourth slot waits for the hour to roll
+
+
+def test_first_poll_delay_converges_to_the_quantile() -> None:
+    import random
+
+    rng = random.Random(1)
+    policy = PollPolicy(quantile=0.85, initial=1.0)
+    latencies = [rng.uniform(5.0, 15.0) for _ in range(4000)]
+    seen = []
+    for lat in latencies:
+        policy.observe_first_poll(done=lat <= policy.first)
+        seen.append(policy.first)
+    # the 0.85 quantile of U(5, 15) is 13.5
+    assert 12.8 < sum(seen[-1000:]) / 1000 < 14.2
+    assert 12.0 < policy.first < 15.0
+    assert seen[200] > 10.0  # most of the way there within a couple of hundred jobs
+
+
+def test_next_wait_backs_off_geometrically_and_caps_in_the_tail() -> None:
+    policy = PollPolicy(initial=10.0, growth=2.0, tail_share=0.03)
+    assert policy.next_wait(0.0, elapsed=0, draining=False) == pytest.approx(10.0)
+    assert policy.next_wait(10.0, elapsed=0, draining=False) == pytest.approx(10.0)
+    assert policy.next_wait(40.0, elapsed=0, draining=False) == pytest.approx(40.0)
+    assert policy.next_wait(40.0, elapsed=1000, draining=True) == pytest.approx(30.0)
+
+
+def test_both_error_shapes_parse() -> None:
+    assert parse_error(401, '{"code": 16, "message": "Token is invalid or has expired.", "details": []}') == (
+        16, "Token is invalid or has expired.",
+    )  # fmt: skip
+    shape2 = '{"error": {"grpcCode": 8, "httpCode": 429, "message": "quota", "httpStatus": "Too Many Requests"}}'
+    assert parse_error(429, shape2) == (8, "quota")
+    assert parse_error(502, "<html>bad gateway</html>") == (2, "HTTP 502: <html>bad gateway</html>")
+    assert classify(429, 8) == "rate" and classify(400, 3) == "invalid"
+    assert classify(503, 14) == "retry" and classify(404, 5) == "not_found"
+    assert classify(403, 7) == "forbidden" and classify(401, 16) == "auth"
+
+
+def test_retry_after_seconds_and_dates() -> None:
+    assert retry_after_seconds("3") == 3.0
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after_seconds("soon") is None
+
+
+def test_operation_forms() -> None:
+    assert not parse_operation({"id": "x"}).done  # done absent: running
+    assert not parse_operation({"id": "x", "done": False}).done
+    failed = parse_operation({"id": "x", "done": False, "error": {"code": 13, "message": "boom"}})
+    assert failed.done and failed.failure is not None and failed.failure.code == 13
+    ok = parse_operation({"id": "x", "done": True, "response": {
+        "alternatives": [{"message": {"role": "assistant", "text": "hi"}, "status": "ALTERNATIVE_STATUS_FINAL"}],
+        "usage": {"inputTextTokens": "31", "completionTokens": "10", "totalTokens": "41",
+                  "completionTokensDetails": {"reasoningTokens": "2"}},
+        "modelVersion": "18.01.2024"}})  # fmt: skip
+    assert ok.completion is not None
+    assert ok.completion.usage == {
+        "inputTextTokens": 31,
+        "completionTokens": 10,
+        "reasoningTokens": 2,
+        "totalTokens": 41,
+    }
+    with pytest.raises(ValueError):
+        parse_completion({"alternatives": []})
