@@ -179,8 +179,10 @@ class Credentials:
         api_key: str | None = None,
         iam_token: str | None = None,
         token_command: str | None = None,
+        refresh_after: float = IAM_REFRESH_AFTER,
     ) -> None:
         self.folder_id = folder_id
+        self.refresh_after = refresh_after
         self._api_key = api_key
         self._token = iam_token
         self._command = token_command
@@ -195,7 +197,7 @@ class Credentials:
         if self._api_key:
             return f"Api-Key {self._api_key}"
         if self._command and (
-            not self._token or time.monotonic() - self._token_at > IAM_REFRESH_AFTER
+            not self._token or time.monotonic() - self._token_at > self.refresh_after
         ):
             await self.refresh(self._token)
         return f"Bearer {self._token}"

@@ -202,6 +202,10 @@ def results(db: str, output: str | None, fmt: str, state: str | None) -> None:
 @click.option("--fault", "faults", multiple=True, help="ENDPOINT:FAULT=RATE, e.g. submit:503=0.1.")
 @click.option("--op-error-rate", default=0.0, type=float, help="Share of operations that fail.")
 @click.option("--expire-after", type=float, help="Seconds after finishing that operations 404.")
+@click.option(
+    "--reject-token", "reject_tokens", multiple=True, help="Answer this bearer token with 401."
+)
+@click.option("--dedupe", is_flag=True, help="Honour Idempotency-Key (one operation per key).")
 @click.option("--seed", type=int, help="Random seed for reproducible runs.")
 def emulator(
     host: str,
@@ -215,6 +219,8 @@ def emulator(
     faults: tuple[str, ...],
     op_error_rate: float,
     expire_after: float | None,
+    reject_tokens: tuple[str, ...],
+    dedupe: bool,
     seed: int | None,
 ) -> None:
     """Serve the built-in emulator of the API (for trials, tests and benchmarks).
@@ -232,6 +238,7 @@ def emulator(
             submit_rps=submit_rps, submit_per_hour=submit_per_hour, poll_rps=poll_rps,
             retry_after=retry_after, faults=dict(emu.parse_fault(f) for f in faults),
             op_error_rate=op_error_rate, expire_after=expire_after, seed=seed,
+            reject_tokens=frozenset(reject_tokens), dedupe=dedupe,
         )  # fmt: skip
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

@@ -47,6 +47,7 @@ class Config:
     op_error_running_rate: float = 0.0  # error while done is still false
     never_finish_rate: float = 0.0
     expire_after: float | None = None  # seconds after finishing that a poll gives 404
+    op_expire_rate: float = 0.0  # operations that are gone (404) once finished
     hang_seconds: float = 30.0
     dedupe: bool = False  # honour Idempotency-Key
     reject_tokens: frozenset[str] = frozenset()  # bearer tokens answered with 401
@@ -83,6 +84,7 @@ class Op:
     error_while_running: bool = False
     never: bool = False
     cancelled: bool = False
+    expired: bool = False
 
 
 class Window:
@@ -298,6 +300,11 @@ class Emulator:
             op.error_while_running = True
         elif roll < c.op_error_rate + c.op_error_running_rate + c.never_finish_rate:
             op.never = True
+        elif (
+            roll
+            < c.op_error_rate + c.op_error_running_rate + c.never_finish_rate + c.op_expire_rate
+        ):
+            op.expired = True
         self.ops[op.id] = op
         if key:
             self.by_idem[key] = op.id
@@ -345,8 +352,11 @@ class Emulator:
                 return fault
         op = self.ops.get(op_id)
         c = self.config
-        if op is None or (
-            c.expire_after is not None and time.monotonic() > op.ready_at + c.expire_after
+        now = time.monotonic()
+        if (
+            op is None
+            or (op.expired and now >= op.ready_at)
+            or (c.expire_after is not None and now > op.ready_at + c.expire_after)
         ):
             self.stats["poll_404"] += 1
             return self._error(404, 5, f"Operation {op_id} not found")

@@ -98,7 +98,9 @@ def read_jobs(path: str, folder_id: str, default_uri: str) -> Iterator[Spec | Pr
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 hint = " (truncated line?)" if not raw.endswith(b"\n") else ""
-                yield Problem(path, number, "", f"not valid JSON: {e.msg}{hint}")
+                yield Problem(
+                    path, number, "", f"not valid JSON at column {e.colno}: {e.msg}{hint}"
+                )
                 continue
             try:
                 job_id, body = parse_job(obj, number, folder_id, default_uri)

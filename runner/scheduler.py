@@ -160,10 +160,20 @@ class Scheduler:
                 await self._wait_for_work()
                 continue
             self.draining = False
-            for claim in claims:
-                await limiter.acquire()
-                await self.submit_pacer.slot()
-                workers.start_soon(self._send_one, claim, limiter)
+            unsent = list(claims)
+            try:
+                while unsent:
+                    await limiter.acquire()
+                    try:
+                        await self.submit_pacer.slot()
+                    except BaseException:
+                        limiter.release()
+                        raise
+                    workers.start_soon(self._send_one, unsent.pop(0), limiter)
+            finally:
+                if unsent:  # stopped with claims in hand that never left: not ambiguous
+                    with anyio.CancelScope(shield=True):
+                        await self.store.unclaim([c.rowid for c in unsent])
 
     async def _wait_for_work(self) -> None:
         next_at = await self.store.next_pending_at()

@@ -333,6 +333,15 @@ class Store:
             rows = await cur.fetchall()
         return sorted((Claim(*r) for r in rows), key=lambda c: c.rowid)
 
+    async def unclaim(self, rowids: list[int]) -> None:
+        """Claims that were never sent go back to pending as if never claimed."""
+        async with self.transaction() as db:
+            await db.executemany(
+                "UPDATE jobs SET state = 'pending', attempts = attempts - 1 "
+                "WHERE rowid = ? AND state = 'submitting'",
+                [(r,) for r in rowids],
+            )
+
     async def next_pending_at(self) -> float | None:
         cur = await self.db.execute("SELECT MIN(next_at) FROM jobs WHERE state = 'pending'")
         row = await cur.fetchone()

@@ -1,0 +1,198 @@
+"""Every API fault, injected by the emulator over real HTTP, and what the run does about it."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.errors import FatalApiError
+from tests.conftest import db_rows, fast_settings, read_out, run_against, write_jobs
+
+pytestmark = pytest.mark.anyio
+
+
+def jobs(tmp_path: Path, n: int = 12) -> Path:
+    return write_jobs(
+        tmp_path / "jobs.jsonl", [{"id": f"j{i}", "prompt": f"p{i}"} for i in range(n)]
+    )
+
+
+def all_done(tmp_path: Path, n: int = 12) -> list[dict[str, Any]]:
+    out = read_out(tmp_path / "out.jsonl")
+    assert sorted(r["id"] for r in out) == sorted(f"j{i}" for i in range(n))
+    return out
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "504", "reset", "garbage", "truncated", "hang"])
+@pytest.mark.parametrize("endpoint", ["submit", "poll"])
+async def test_transient_faults_are_retried_until_done(
+    make_emulator: Any, tmp_path: Path, endpoint: str, fault: str
+) -> None:
+    e = await make_emulator(faults={f"{endpoint}:{fault}": 0.3}, hang_seconds=2.0, seed=3)
+    report = await run_against(e, tmp_path, jobs(tmp_path), request_timeout=0.3,
+                               settings=fast_settings(max_faults=50))  # fmt: skip
+    assert report.exit_code == 0
+    assert all(r["status"] == "done" for r in all_done(tmp_path))
+    assert e.stats[f"fault_{endpoint}_{fault}"] > 0  # the fault really happened
+
+
+async def test_persistent_fault_fails_job_after_bounded_attempts(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    e = await make_emulator(faults={"submit:503": 1.0})
+    report = await run_against(e, tmp_path, jobs(tmp_path, 3), settings=fast_settings(max_faults=4))
+    assert report.exit_code == 1
+    for line in all_done(tmp_path, 3):
+        assert line["status"] == "failed"
+        assert line["error"] == {"code": 14, "message": "injected 503"}
+        assert line["attempts"] == 4
+    assert e.stats["fault_submit_503"] == 12
+
+
+async def test_invalid_argument_fails_at_once(make_emulator: Any, tmp_path: Path) -> None:
+    e = await make_emulator(faults={"submit:400": 1.0})
+    report = await run_against(e, tmp_path, jobs(tmp_path, 3))
+    assert report.exit_code == 1
+    for line in all_done(tmp_path, 3):
+        assert line["status"] == "failed" and line["attempts"] == 1
+        assert line["error"]["code"] == 3 and "injected 400" in line["error"]["message"]
+
+
+@pytest.mark.parametrize("retry_after", [None, 0.2])
+async def test_quota_429_slows_the_pace_and_everything_finishes(
+    make_emulator: Any, tmp_path: Path, retry_after: float | None
+) -> None:
+    # the emulator allows 20 submits/s; the runner is told it may send 100/s
+    e = await make_emulator(submit_rps=20, retry_after=retry_after)
+    report = await run_against(e, tmp_path, jobs(tmp_path, 40),
+                               settings=fast_settings(submit_rps=100.0))  # fmt: skip
+    assert report.exit_code == 0
+    all_done(tmp_path, 40)
+    assert e.stats["submit_429"] > 0
+    assert report.stats.throttled == e.stats["submit_429"]
+    # adaptive pacing: far fewer 429s than jobs, not one storm per job
+    assert e.stats["submit_429"] < 20
+    rows = db_rows(tmp_path / "runner.db", "SELECT MAX(faults) FROM jobs")
+    assert rows == [(0,)]  # 429s never count toward a job's fault limit
+
+
+async def test_poll_429_is_absorbed(make_emulator: Any, tmp_path: Path) -> None:
+    e = await make_emulator(poll_rps=15)
+    report = await run_against(
+        e, tmp_path, jobs(tmp_path, 30), settings=fast_settings(poll_rps=200.0)
+    )
+    assert report.exit_code == 0
+    all_done(tmp_path, 30)
+    assert e.stats["poll_429"] > 0
+
+
+async def test_operation_error_while_running_fails_the_job(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    e = await make_emulator(op_error_running_rate=1.0)
+    report = await run_against(e, tmp_path, jobs(tmp_path, 2))
+    assert report.exit_code == 1
+    for line in all_done(tmp_path, 2):
+        assert line["error"] == {"code": 13, "message": "injected: internal error"}
+
+
+async def test_expired_operations_are_submitted_again_and_counted(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    e = await make_emulator(op_expire_rate=0.5)
+    report = await run_against(e, tmp_path, jobs(tmp_path, 20))
+    assert report.exit_code == 0
+    all_done(tmp_path, 20)
+    [(resubmits,)] = db_rows(tmp_path / "runner.db", "SELECT SUM(resubmits) FROM jobs")
+    assert resubmits == e.stats["poll_404"] > 0
+    assert e.stats["submits"] == 20 + resubmits
+
+
+async def test_operations_gone_after_a_long_pause_are_resubmitted(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    first = await make_emulator()
+    await run_against(first, tmp_path, jobs(tmp_path, 5), output=None)
+    con = sqlite3.connect(tmp_path / "runner.db")
+    with con:  # as if the batch was paused while running, for longer than the 3-day retention
+        con.execute("UPDATE jobs SET state='running', finish_seq=NULL, result=NULL")
+    con.close()
+    later = await make_emulator()  # knows none of those operations: every poll is a 404
+    report = await run_against(later, tmp_path, None)
+    assert report.exit_code == 0
+    all_done(tmp_path, 5)
+    assert later.stats["poll_404"] == 5 and later.stats["submits"] == 5
+
+
+async def test_stuck_operation_fails_after_deadline(make_emulator: Any, tmp_path: Path) -> None:
+    e = await make_emulator(never_finish_rate=1.0)
+    report = await run_against(
+        e, tmp_path, jobs(tmp_path, 2), settings=fast_settings(op_deadline=0.3)
+    )
+    assert report.exit_code == 1
+    for line in all_done(tmp_path, 2):
+        assert line["error"]["code"] == 4 and "did not finish within" in line["error"]["message"]
+
+
+async def test_stuck_operation_resubmitted_with_flag(make_emulator: Any, tmp_path: Path) -> None:
+    e = await make_emulator(never_finish_rate=0.5)
+    settings = fast_settings(op_deadline=0.3, resubmit_stuck=True)
+    report = await run_against(e, tmp_path, jobs(tmp_path, 10), settings=settings)
+    assert report.exit_code == 0
+    all_done(tmp_path, 10)
+    assert e.stats["submits"] > 10
+
+
+async def test_401_refreshes_the_iam_token_with_the_command(
+    make_emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("YC_API_KEY")
+    monkeypatch.setenv("YC_IAM_TOKEN", "stale-token")
+    e = await make_emulator(reject_tokens=frozenset({"stale-token"}))
+    report = await run_against(e, tmp_path, jobs(tmp_path, 4), iam_token_command="echo fresh-token")
+    assert report.exit_code == 0
+    all_done(tmp_path, 4)
+    assert e.stats["rejected_tokens"] >= 1
+
+
+async def test_401_without_refresh_stops_with_state_intact(
+    make_emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("YC_API_KEY")
+    monkeypatch.setenv("YC_IAM_TOKEN", "stale-token")
+    e = await make_emulator(reject_tokens=frozenset({"stale-token"}))
+    with pytest.raises(BaseException) as info:
+        await run_against(e, tmp_path, jobs(tmp_path, 4))
+    assert info.group_contains(FatalApiError, match="YC_IAM_TOKEN")  # type: ignore[attr-defined]
+    states = db_rows(tmp_path / "runner.db", "SELECT state, COUNT(*) FROM jobs GROUP BY state")
+    assert dict(states).get("pending") == 4  # nothing lost, nothing left "submitting"
+    monkeypatch.setenv("YC_IAM_TOKEN", "good-token")
+    report = await run_against(e, tmp_path, None)  # resumable once credentials are fixed
+    assert report.exit_code == 0
+    all_done(tmp_path, 4)
+
+
+async def test_403_stops_the_run(make_emulator: Any, tmp_path: Path) -> None:
+    e = await make_emulator(faults={"submit:403": 1.0})
+    with pytest.raises(BaseException) as info:
+        await run_against(e, tmp_path, jobs(tmp_path, 3))
+    assert info.group_contains(FatalApiError, match="permission denied")  # type: ignore[attr-defined]
+    states = dict(
+        db_rows(tmp_path / "runner.db", "SELECT state, COUNT(*) FROM jobs GROUP BY state")
+    )
+    assert states == {"pending": 3}
+
+
+async def test_iam_token_is_refreshed_before_expiry(tmp_path: Path) -> None:
+    from runner.api import Credentials
+
+    script = tmp_path / "token.sh"
+    script.write_text("#!/bin/sh\necho token-$(date +%s%N)\n")
+    script.chmod(0o700)
+    creds = Credentials("f", iam_token="initial", token_command=str(script), refresh_after=0.0)
+    first = await creds.authorization()
+    second = await creds.authorization()
+    assert first.startswith("Bearer token-") and second != first

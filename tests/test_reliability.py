@@ -1,0 +1,121 @@
+"""Crash safety with real kill -9, two runners on one database, bad input that must not touch
+stored state, and credentials that must not leak into anything the run writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from runner.cli import cli
+from tests.conftest import SENTINEL_KEY, read_out, write_jobs
+from tests.killloop import kill_loop
+from tests.procs import child_env, emulator_process, make_jobs, runner_cmd
+
+
+def test_kill_9_loop_loses_nothing_and_duplicates_only_ambiguous_submits(tmp_path: Path) -> None:
+    report = kill_loop(tmp_path, n_jobs=300, cycles=12, seed=5, max_sleep=1.2)
+    assert report.lost == 0
+    assert report.duplicate_lines == 0 and report.torn_lines == 0
+    assert report.unexplained_duplicates == 0
+    assert report.duplicate_submits <= report.ambiguous_reported
+    assert report.killed_in_state  # the kills landed while jobs were in flight
+
+
+def test_second_runner_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path: Path) -> None:
+    jobs = make_jobs(tmp_path / "jobs.jsonl", 50)
+    with emulator_process("--latency", "1:2") as url:
+        cmd = runner_cmd("run", str(jobs), "-o", "out.jsonl", "--submit-rps", "20")
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(url), stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "runner.db.lock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        second = subprocess.run(
+            cmd, cwd=tmp_path, env=child_env(url), capture_output=True, timeout=30
+        )
+        assert second.returncode == 2
+        assert f"another runner (pid {first.pid})".encode() in second.stderr
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        third = subprocess.run(
+            cmd, cwd=tmp_path, env=child_env(url), capture_output=True, timeout=120
+        )
+        assert third.returncode == 0, third.stderr.decode()
+    assert len(read_out(tmp_path / "out.jsonl")) == 50
+
+
+GOOD = '{"id": "a", "prompt": "stored already"}\n'
+BAD_FILES: list[tuple[str, bytes, str]] = [
+    ("not json", b"{nope\n", "bad.jsonl:1: not valid JSON at column 2"),
+    ("truncated last line", b'{"prompt": "ok"}\n{"prompt": "cut', "truncated"),
+    ("array", b"[1, 2]\n", "expected a JSON object"),
+    ("missing prompt", b'{"id": "x"}\n', "[prompt]"),
+    ("empty messages", b'{"messages": []}\n', "[messages]"),
+    ("unknown role", b'{"messages": [{"role": "robot", "text": "x"}]}\n', "[messages[0].role]"),
+    ("text not a string", b'{"messages": [{"role": "user", "text": 1}]}\n', "[messages[0].text]"),
+    ("duplicate ids", b'{"id": "d", "prompt": "1"}\n{"id": "d", "prompt": "2"}\n', "duplicate id 'd'"),
+    ("known id changed", b'{"id": "a", "prompt": "changed"}\n', "different content"),
+    ("invalid utf-8", b'{"prompt": "\xc3\x28"}\n', "invalid UTF-8"),
+    ("bom", b'\xef\xbb\xbf{"prompt": "x"}\n', "byte-order mark"),
+    ("10 MB line", b'{"prompt": "' + b"x" * (10 << 20) + b'"}\n', "longer than"),
+    ("unknown scheme", b'{"prompt": "x", "modelUri": "emb://f/m"}\n', "[model]"),
+    ("maxTokens", b'{"prompt": "x", "completionOptions": {"maxTokens": -5}}\n', "[completionOptions.maxTokens]"),
+    ("temperature", b'{"prompt": "x", "completionOptions": {"temperature": 2}}\n', "[completionOptions.temperature]"),
+    ("unknown field", b'{"prompt": "x", "temprature": 0.5}\n', "[temprature]"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def stored_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "good.jsonl").write_text(GOOD)
+    r = CliRunner().invoke(cli, ["run", "good.jsonl", "--emulator", "-o", "out.jsonl"])
+    assert r.exit_code == 0, r.output
+    return tmp_path / "runner.db"
+
+
+@pytest.mark.parametrize(("name", "content", "expect"), BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_input_leaves_the_database_byte_for_byte(
+    stored_db: Path, name: str, content: bytes, expect: str
+) -> None:
+    bad = stored_db.parent / "bad.jsonl"
+    bad.write_bytes(content)
+    before = stored_db.read_bytes()
+    r = CliRunner().invoke(cli, ["run", "bad.jsonl", "--emulator", "-o", "out.jsonl"])
+    assert r.exit_code == 2, r.output
+    assert "bad.jsonl:" in r.output and expect in r.output
+    assert stored_db.read_bytes() == before
+
+
+@pytest.mark.parametrize("target", ["missing.jsonl", "."])
+def test_missing_file_or_directory_leaves_the_database(stored_db: Path, target: str) -> None:
+    before = stored_db.read_bytes()
+    r = CliRunner().invoke(cli, ["run", target, "--emulator"])
+    assert r.exit_code == 2
+    assert ("no such file" in r.output) or ("is a directory" in r.output)
+    assert stored_db.read_bytes() == before
+
+
+def test_credentials_never_reach_files_or_logs(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": f"s{i}", "prompt": "x"} for i in range(5)])
+    with emulator_process(
+        "--latency", "0.01:0.05", "--fault", "submit:503=0.3", "--fault", "poll:500=0.3"
+    ) as url:
+        r = subprocess.run(runner_cmd("-vv", "run", str(jobs), "-o", "out.jsonl"), cwd=tmp_path,
+                           env=child_env(url), capture_output=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0, r.stderr.decode()
+        r2 = subprocess.run(runner_cmd("-vv", "status"), cwd=tmp_path, env=child_env(url),
+                            capture_output=True, timeout=60)  # fmt: skip
+    assert SENTINEL_KEY.encode() not in r.stdout + r.stderr + r2.stdout + r2.stderr
+    assert b"Authorization" not in r.stderr
+    for path in tmp_path.iterdir():
+        if path.is_file():
+            assert SENTINEL_KEY.encode() not in path.read_bytes(), path
+            if path.name != "jobs.jsonl":
+                assert os.stat(path).st_mode & 0o077 == 0, path
