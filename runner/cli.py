@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -185,7 +186,8 @@ def results(db: str, output: str | None, fmt: str, state: str | None) -> None:
     if output is None:
         _call(commands.results, db, sys.stdout, fmt, state)
         return
-    with open(output, "w", encoding="utf-8", newline="") as f:
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
         n = _call(commands.results, db, f, fmt, state)
     click.echo(f"{n} results written to {output}", err=True)
 

@@ -56,6 +56,7 @@ def test_results_export_csv_and_status_filter(cwd: Path) -> None:
     CliRunner().invoke(cli, ["run", EXAMPLE, "--emulator"])
     r = CliRunner().invoke(cli, ["results", "-o", "r.csv", "--format", "csv", "--status", "done"])
     assert r.exit_code == 0, r.output
+    assert (cwd / "r.csv").stat().st_mode & 0o077 == 0
     header, *rows = (cwd / "r.csv").read_text().splitlines()
     assert header.startswith("id,status,text,alternativeStatus,inputTextTokens")
     assert len(rows) == 6

@@ -119,3 +119,17 @@ def test_credentials_never_reach_files_or_logs(tmp_path: Path) -> None:
             assert SENTINEL_KEY.encode() not in path.read_bytes(), path
             if path.name != "jobs.jsonl":
                 assert os.stat(path).st_mode & 0o077 == 0, path
+
+
+def test_permission_denied_exits_3_with_a_clear_message_and_resumes(tmp_path: Path) -> None:
+    jobs = make_jobs(tmp_path / "jobs.jsonl", 5)
+    with emulator_process("--fault", "submit:403=1") as url:
+        r = subprocess.run(runner_cmd("run", str(jobs), "-o", "out.jsonl"), cwd=tmp_path,
+                           env=child_env(url), capture_output=True, timeout=60)  # fmt: skip
+    assert r.returncode == 3, r.stderr.decode()
+    assert b"permission denied" in r.stderr and b"rerun to resume" in r.stderr
+    with emulator_process() as url:
+        r = subprocess.run(runner_cmd("run", "-o", "out.jsonl"), cwd=tmp_path, env=child_env(url),
+                           capture_output=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr.decode()
+    assert len(read_out(tmp_path / "out.jsonl")) == 5
