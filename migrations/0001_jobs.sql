@@ -21,7 +21,7 @@ CREATE TABLE jobs (
     submitted_at REAL,
     polls INTEGER NOT NULL DEFAULT 0,
     finished_at REAL,
-    finish_seq INTEGER UNIQUE,
+    finish_seq INTEGER,
     result TEXT,
     error TEXT,
     input_tokens INTEGER NOT NULL DEFAULT 0,
@@ -31,6 +31,8 @@ CREATE TABLE jobs (
 );
 
 CREATE INDEX jobs_state_next ON jobs (state, next_at);
+-- partial: unfinished jobs (most of a fresh batch) cost nothing in it
+CREATE UNIQUE INDEX jobs_finished ON jobs (finish_seq) WHERE finish_seq IS NOT NULL;
 
 CREATE TABLE outputs (
     path TEXT PRIMARY KEY,

@@ -60,8 +60,12 @@ def model_uri(model: str, folder_id: str) -> str:
     return f"gpt://{folder_id}/{model}" + ("" if "/" in model else "/latest")
 
 
+# one encoder for every line: json.dumps with options builds a new one per call
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
 def canonical(body: dict[str, Any]) -> str:
-    return json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return _CANONICAL.encode(body)
 
 
 def open_jobs_file(path: str) -> IO[bytes]:

@@ -249,27 +249,37 @@ class Store:
         problems: list[Problem] = []
         extra = 0
         staged = 0
-        async with self.transaction() as db:
-            await db.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS staging (line INTEGER, id TEXT, body TEXT)"
-            )
-            await db.execute("DELETE FROM staging")
-            batch: list[tuple[int, str, str]] = []
-            for item in specs:
+        items = iter(specs)
+
+        def take() -> list[tuple[int, str, str]]:
+            nonlocal extra
+            rows: list[tuple[int, str, str]] = []
+            for item in items:
                 if isinstance(item, Problem):
                     if len(problems) < MAX_REPORTED:
                         problems.append(item)
                     else:
                         extra += 1
                     continue
-                batch.append((item.line, item.id, item.body))
-                if len(batch) >= INGEST_BATCH:
-                    await db.executemany("INSERT INTO staging VALUES (?, ?, ?)", batch)
-                    staged += len(batch)
-                    batch = []
-            if batch:
-                await db.executemany("INSERT INTO staging VALUES (?, ?, ?)", batch)
+                rows.append((item.line, item.id, item.body))
+                if len(rows) >= INGEST_BATCH:
+                    break
+            return rows
+
+        async with self.transaction() as db:
+            await db.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS staging (line INTEGER, id TEXT, body TEXT)"
+            )
+            await db.execute("DELETE FROM staging")
+            # parse the next batch in a worker thread while SQLite (which releases the GIL
+            # while stepping) inserts the previous one: the two cores work at once
+            batch = await anyio.to_thread.run_sync(take)
+            while batch:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(db.executemany, "INSERT INTO staging VALUES (?, ?, ?)", batch)
+                    following = await anyio.to_thread.run_sync(take)
                 staged += len(batch)
+                batch = following
             await db.execute("CREATE INDEX IF NOT EXISTS temp.staging_id ON staging (id, line)")
             cur = await db.execute(
                 "SELECT s.line, s.id, (SELECT MIN(line) FROM staging f WHERE f.id = s.id) "
@@ -303,7 +313,7 @@ class Store:
                 )
             cur = await db.execute(
                 "INSERT INTO jobs (id, line, body) SELECT id, line, body FROM staging s "
-                "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY line"
+                "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid"
             )
             added = cur.rowcount
             await db.execute("DELETE FROM staging")
@@ -419,10 +429,8 @@ class Store:
 
     async def totals(self) -> dict[str, int]:
         cur = await self.db.execute(
-            "SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-            "COALESCE(SUM(reasoning_tokens), 0), COALESCE(SUM(total_tokens), 0), "
-            "COALESCE(SUM(ambiguous), 0), COALESCE(SUM(resubmits), 0), "
-            "COALESCE(SUM(faults), 0), COALESCE(SUM(attempts), 0) FROM jobs"
+            "SELECT input_tokens, completion_tokens, reasoning_tokens, total_tokens, "
+            "ambiguous, resubmits, faults, attempts FROM totals"
         )
         row = await cur.fetchone()
         keys = (

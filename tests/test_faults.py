@@ -196,3 +196,19 @@ async def test_iam_token_is_refreshed_before_expiry(tmp_path: Path) -> None:
     first = await creds.authorization()
     second = await creds.authorization()
     assert first.startswith("Bearer token-") and second != first
+
+
+async def test_status_totals_match_a_full_recount(make_emulator: Any, tmp_path: Path) -> None:
+    e = await make_emulator(faults={"submit:503": 0.3, "submit:reset": 0.1}, op_expire_rate=0.3)
+    await run_against(e, tmp_path, jobs(tmp_path, 20), settings=fast_settings(max_faults=50))
+    db = tmp_path / "runner.db"
+    con = sqlite3.connect(db)
+    with con:  # a crash state too: ambiguous counts come from recover()
+        con.execute("UPDATE jobs SET state='submitting', finish_seq=NULL WHERE id IN ('j1', 'j2')")
+    con.close()
+    await run_against(e, tmp_path, None)
+    cols = "input_tokens, completion_tokens, reasoning_tokens, total_tokens, ambiguous, resubmits, faults, attempts"
+    [kept] = db_rows(db, f"SELECT {cols} FROM totals")
+    [recount] = db_rows(db, f"SELECT {', '.join(f'SUM({c})' for c in cols.split(', '))} FROM jobs")
+    assert kept == recount
+    assert kept[4] >= 2 and kept[5] > 0 and kept[6] > 0  # the interesting counters moved
