@@ -49,10 +49,15 @@ def delay(
 class Pacer:
     """Hands out request slots at ``rate`` per second and ``per_hour`` per rolling hour."""
 
-    def __init__(self, rate: float, per_hour: int | None = None, floor: float = 0.05) -> None:
+    def __init__(
+        self, rate: float, per_hour: int | None = None, floor: float = 0.05, hour: float = 3600.0
+    ) -> None:
         self.limit = rate
         self.rate = rate
         self.per_hour = per_hour
+        # 1% longer than the server's hour: our stamps are taken before the request travels,
+        # the server's after, so an exact window would free a slot a little early
+        self.hour = hour * 1.01
         self.floor = min(floor, rate)
         self._next = 0.0
         self._paused_until = 0.0
@@ -60,15 +65,27 @@ class Pacer:
         self._lock = anyio.Lock()
         self.throttled = 0
 
+    def _earliest(self, now: float) -> float:
+        at = max(now, self._next, self._paused_until)
+        if self.per_hour is not None:
+            while self._hour and self._hour[0] <= at - self.hour:
+                self._hour.popleft()
+            if len(self._hour) >= self.per_hour:
+                at = max(at, self._hour[0] + self.hour)
+        return at
+
+    async def room(self) -> int:
+        """Wait until a slot could be had, without taking it; returns how many the hourly
+        window has left (so a caller can claim no more work than it can send soon)."""
+        # a deadline that a 429 may push later, re-read after each sleep; not a handoff
+        while (at := self._earliest(anyio.current_time())) > anyio.current_time():  # noqa: ASYNC110
+            await anyio.sleep(at - anyio.current_time())
+        return (self.per_hour - len(self._hour)) if self.per_hour is not None else 1 << 30
+
     async def slot(self) -> None:
         async with self._lock:
             now = anyio.current_time()
-            at = max(now, self._next, self._paused_until)
-            if self.per_hour is not None:
-                while self._hour and self._hour[0] <= at - 3600:
-                    self._hour.popleft()
-                if len(self._hour) >= self.per_hour:
-                    at = max(at, self._hour[0] + 3600)
+            at = self._earliest(now)
             if at > now:
                 await anyio.sleep(at - now)
             self._next = at + 1.0 / self.rate

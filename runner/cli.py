@@ -79,6 +79,8 @@ def cli(verbose: int, quiet: bool) -> None:
 @click.option("--submit-rps", default=10.0, show_default=True, type=click.FloatRange(min=0.01))
 @click.option("--submit-per-hour", default=5000, show_default=True, type=click.IntRange(min=1))
 @click.option("--poll-rps", default=50.0, show_default=True, type=click.FloatRange(min=0.01))
+@click.option("--quota-window", default=3600.0, hidden=True, type=click.FloatRange(min=0.1),
+              help="Seconds in the hourly quota's window (for compressed-time benchmarks).")  # fmt: skip
 @click.option("--mode", type=click.Choice(["async", "sync"]), default="async", show_default=True)
 @click.option("--max-faults", default=5, show_default=True, type=click.IntRange(min=1),
               help="Transient errors before a job is failed.")  # fmt: skip
@@ -102,6 +104,7 @@ def run(
     submit_rps: float,
     submit_per_hour: int,
     poll_rps: float,
+    quota_window: float,
     mode: str,
     max_faults: int,
     op_deadline: float,
@@ -118,6 +121,7 @@ def run(
     """
     settings = Settings(
         submit_rps=submit_rps, submit_per_hour=submit_per_hour, poll_rps=poll_rps, mode=mode,
+        quota_window=quota_window,
         max_faults=max_faults, op_deadline=op_deadline * 3600, resubmit_stuck=resubmit_stuck,
         output=output,
     )  # fmt: skip
@@ -199,6 +203,7 @@ def results(db: str, output: str | None, fmt: str, state: str | None) -> None:
 @click.option("--lognormal", help="MEDIAN:SIGMA: log-normal latency instead of uniform.")
 @click.option("--submit-rps", type=float, help="Enforce this submit quota (429 beyond).")
 @click.option("--submit-per-hour", type=int, help="Enforce this hourly submit quota.")
+@click.option("--hour-seconds", default=3600.0, hidden=True, help="Length of the quota 'hour'.")
 @click.option("--poll-rps", type=float, help="Enforce this poll quota.")
 @click.option("--retry-after", type=float, help="Send Retry-After (seconds) with 429s.")
 @click.option("--fault", "faults", multiple=True, help="ENDPOINT:FAULT=RATE, e.g. submit:503=0.1.")
@@ -216,6 +221,7 @@ def emulator(
     lognormal: str | None,
     submit_rps: float | None,
     submit_per_hour: int | None,
+    hour_seconds: float,
     poll_rps: float | None,
     retry_after: float | None,
     faults: tuple[str, ...],
@@ -236,9 +242,9 @@ def emulator(
     try:
         config = emu.Config(
             latency=emu.parse_latency(latency),
-            lognormal=emu.parse_latency(lognormal) if lognormal else None,
+            lognormal=emu.parse_lognormal(lognormal) if lognormal else None,
             submit_rps=submit_rps, submit_per_hour=submit_per_hour, poll_rps=poll_rps,
-            retry_after=retry_after, faults=dict(emu.parse_fault(f) for f in faults),
+            hour_seconds=hour_seconds, retry_after=retry_after, faults=dict(emu.parse_fault(f) for f in faults),
             op_error_rate=op_error_rate, expire_after=expire_after, seed=seed,
             reject_tokens=frozenset(reject_tokens), dedupe=dedupe,
         )  # fmt: skip

@@ -39,6 +39,7 @@ class Config:
     lognormal: tuple[float, float] | None = None  # (median seconds, sigma)
     submit_rps: float | None = None
     submit_per_hour: int | None = None
+    hour_seconds: float = 3600.0  # the "hour" of the hourly quota; shorter in compressed time
     poll_rps: float | None = None
     max_concurrent_sync: int = 10
     retry_after: float | None = None  # seconds to send with 429s; None: no header
@@ -120,7 +121,7 @@ class Emulator:
         if c.submit_rps:
             self.windows["submit"].append(Window(c.submit_rps, 1.0))
         if c.submit_per_hour:
-            self.windows["submit"].append(Window(c.submit_per_hour, 3600.0))
+            self.windows["submit"].append(Window(c.submit_per_hour, c.hour_seconds))
         if c.poll_rps:
             self.windows["poll"].append(Window(c.poll_rps, 1.0))
 
@@ -413,6 +414,15 @@ def parse_latency(text: str) -> tuple[float, float]:
     if low < 0 or high < low:
         raise ValueError("latency must be MIN:MAX with 0 <= MIN <= MAX")
     return low, high
+
+
+def parse_lognormal(text: str) -> tuple[float, float]:
+    """``MEDIAN:SIGMA`` of a log-normal latency, in seconds."""
+    median, _, sigma = text.partition(":")
+    m, sd = float(median), float(sigma or 0.5)
+    if m <= 0 or sd < 0:
+        raise ValueError("lognormal must be MEDIAN:SIGMA with MEDIAN > 0 and SIGMA >= 0")
+    return m, sd
 
 
 def parse_fault(text: str) -> tuple[str, float]:

@@ -51,6 +51,7 @@ class Running:
     submitted_at: float
     polls: int = 0
     errors: int = 0  # consecutive failed polls
+    last_miss: float = 0.0  # age at the last poll that found it still running
 
 
 @dataclass(frozen=True)

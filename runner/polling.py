@@ -1,11 +1,13 @@
 """When to poll an operation next: few polls per job, yet no late tail. Pure, clock-free.
 
-An operation's first poll goes out near a high quantile ``q`` of the completion latency seen in
-this run, learned online. What a poll sees is censored (done at the first poll only says
-latency <= that age), so instead of a latency histogram the first delay itself is the estimate:
-a Robbins-Monro step in log space, up by ``eta*q`` when the first poll finds the job still
-running and down by ``eta*(1-q)`` when it finds it done, settles where a fraction ``q`` of jobs
-is done at their first poll, which is the q-quantile by definition.
+An operation's first poll goes out at a high quantile ``q`` of the completion latency seen in
+this run, learned online in a log-bucketed histogram (O(1) memory). What a poll sees is
+censored: a job found done at age ``a`` after a miss at age ``b`` finished somewhere in
+``(b, a]``, so it is recorded at the geometric middle of that interval (at ``a/2`` when the
+first poll found it done). The estimate therefore settles where a fraction ``q`` of jobs are
+done at their first poll, and since only real completions are recorded, a burst of misses
+cannot push it anywhere: early in a run, before slow jobs have finished, it errs low, which
+costs a few polls, never a late result. Until enough jobs have finished, ``initial`` is used.
 
 After a miss, polls back off geometrically with the job's age (next wait = age * (growth - 1)).
 While jobs are still being submitted that wastes nothing; once nothing is left to submit the
@@ -16,7 +18,31 @@ elapsed time, which bounds how late the last result is seen to that share.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+_LO = 1e-3  # seconds; the histogram's first bucket
+_RATIO = 1.08  # bucket width: quantiles are read to within 8%
+_BUCKETS = 300  # up to _LO * _RATIO**300, about 10^7 s
+
+
+@dataclass
+class LatencySketch:
+    counts: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
+    n: int = 0
+
+    def add(self, seconds: float) -> None:
+        i = int(math.log(max(seconds, _LO) / _LO) / math.log(_RATIO))
+        self.counts[min(i, _BUCKETS - 1)] += 1
+        self.n += 1
+
+    def quantile(self, q: float) -> float:
+        target = q * self.n
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= target and c:
+                return float(_LO * _RATIO ** (i + 0.5))  # the bucket's middle, in log space
+        return float(_LO * _RATIO**_BUCKETS)
 
 
 @dataclass
@@ -27,28 +53,25 @@ class PollPolicy:
     initial: float = 1.0
     min_wait: float = 0.02
     max_wait: float = 600.0
-    eta: float = 0.02  # the step's floor; early steps are larger (see observe_first_poll)
-
-    def __post_init__(self) -> None:
-        self._log_first = math.log(self.initial)
-        self.observed = 0
+    min_samples: int = 20
+    sketch: LatencySketch = field(default_factory=LatencySketch)
 
     @property
     def first(self) -> float:
-        return min(self.max_wait, max(self.min_wait, math.exp(self._log_first)))
+        if self.sketch.n < self.min_samples:
+            return self.initial
+        return min(self.max_wait, max(self.min_wait, self.sketch.quantile(self.quantile)))
 
-    def observe_first_poll(self, done: bool) -> None:
-        self.observed += 1
-        # big steps first (from a 1 s guess to minutes within ~100 jobs), then small ones
-        eta = max(self.eta, 0.5 / math.sqrt(self.observed))
-        self._log_first += -eta * (1 - self.quantile) if done else eta * self.quantile
-        lo, hi = math.log(self.min_wait), math.log(self.max_wait)
-        self._log_first = min(hi, max(lo, self._log_first))
+    def observe_done(self, last_miss: float, age: float) -> None:
+        """A poll at ``age`` found the job done; the previous poll (if any) missed at ``last_miss``."""
+        self.sketch.add(math.sqrt(last_miss * age) if last_miss > 0 else age / 2)
+
+    def cap(self, *, elapsed: float, draining: bool) -> float:
+        if not draining:
+            return self.max_wait
+        return min(self.max_wait, max(self.min_wait, self.tail_share * elapsed))
 
     def next_wait(self, age: float, *, elapsed: float, draining: bool) -> float:
         """Seconds from now to the next poll of an operation ``age`` seconds old, not yet done."""
         wait = max(self.first - age, age * (self.growth - 1))
-        cap = self.max_wait
-        if draining:
-            cap = min(cap, max(self.min_wait, self.tail_share * elapsed))
-        return max(self.min_wait, min(wait, cap))
+        return max(self.min_wait, min(wait, self.cap(elapsed=elapsed, draining=draining)))

@@ -44,11 +44,12 @@ log = logging.getLogger("runner.scheduler")
 class Settings:
     submit_rps: float = 10.0
     submit_per_hour: int | None = 5000
+    quota_window: float = 3600.0  # seconds in the hourly quota's window (compressed in benchmarks)
     poll_rps: float = 50.0
     mode: str = "async"  # or "sync": POST /completion, no polling
     sync_concurrency: int = 10
     max_faults: int = 5
-    submit_concurrency: int = 8
+    submit_concurrency: int = 0  # 0: enough for the pace (rate x 100 ms), at least 4
     poll_concurrency: int = 64
     op_deadline: float = 24 * 3600.0
     resubmit_stuck: bool = False
@@ -145,9 +146,10 @@ class Scheduler:
     # -- submitting ---------------------------------------------------------------------
 
     async def _submitter(self, workers: TaskGroup) -> None:
-        concurrency = (
-            self.s.sync_concurrency if self.s.mode == "sync" else self.s.submit_concurrency
-        )
+        if self.s.mode == "sync":
+            concurrency = self.s.sync_concurrency
+        else:
+            concurrency = self.s.submit_concurrency or max(4, math.ceil(self.s.submit_rps * 0.1))
         limiter = anyio.Semaphore(concurrency)
         while True:
             # claim what the pacer will let out in the next ~100 ms: few jobs are ever
@@ -155,6 +157,8 @@ class Scheduler:
             batch = max(1, min(64, int(self.submit_pacer.rate * 0.1)))
             if self.s.mode == "sync":
                 batch = min(batch, concurrency)
+            # a claimed job is "submitting": never hold one through a quota pause
+            batch = min(batch, await self.submit_pacer.room())
             claims = await self.store.claim(batch, time.time())
             if not claims:
                 await self._wait_for_work()
@@ -178,7 +182,7 @@ class Scheduler:
     async def _wait_for_work(self) -> None:
         next_at = await self.store.next_pending_at()
         if next_at is None:
-            self.draining = True
+            self._start_draining()
             wait = 1.0
         else:
             wait = min(1.0, max(0.0, next_at - time.time()))
@@ -244,6 +248,18 @@ class Scheduler:
 
     # -- polling ------------------------------------------------------------------------
 
+    def _start_draining(self) -> None:
+        """Nothing left to submit: from now on the slowest job decides the finish, so pull
+        every poll already scheduled in to the tail cap (waits set earlier did not have it)."""
+        if self.draining:
+            return
+        self.draining = True
+        now = anyio.current_time()
+        latest = now + self.policy.cap(elapsed=now - self._started, draining=True)
+        self._heap = [(min(due, latest), seq, op) for due, seq, op in self._heap]
+        heapq.heapify(self._heap)
+        self._heap_changed.set()
+
     def _schedule(self, op: Running, wait: float) -> None:
         due = anyio.current_time() + wait
         if not self._heap or due < self._heap[0][0]:
@@ -304,13 +320,14 @@ class Scheduler:
             return
         self.poll_pacer.success()
         op.errors = 0
-        if op.polls == 1:
-            self.policy.observe_first_poll(state.done)
         if state.done:
+            if op.polls > 1 or age < 2 * self.policy.first:  # not a resumed, long-gone job
+                self.policy.observe_done(op.last_miss, age)
             self._emit(Finished(op.rowid, now, op.polls, state.completion, state.failure))
         elif age > self.s.op_deadline:
             self._expired(op, now, "did not finish")
         else:
+            op.last_miss = age
             elapsed = anyio.current_time() - self._started
             self._schedule(op, self.policy.next_wait(age, elapsed=elapsed, draining=self.draining))
 

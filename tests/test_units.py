@@ -49,22 +49,52 @@ async def test_pacer_hour_window_blocks_past_the_hourly_limit() -> None:
     with anyio.move_on_after(0.2) as scope:
         await pacer.slot()
     assert scope.cancelled_caught  # the fourth slot waits for the hour to roll
+    with anyio.move_on_after(0.2) as scope:
+        await pacer.room()
+    assert scope.cancelled_caught  # and so does the question "is there room?"
 
 
-def test_first_poll_delay_converges_to_the_quantile() -> None:
+async def test_pacer_room_counts_what_the_hour_has_left() -> None:
+    pacer = backoff.Pacer(rate=1000.0, per_hour=5)
+    await pacer.slot()
+    await pacer.slot()
+    assert await pacer.room() == 3
+
+
+def simulate(policy: PollPolicy, latencies: list[float]) -> list[float]:
+    """Poll each job as the scheduler would; returns the first-poll delay seen by each job."""
+    firsts = []
+    for lat in latencies:
+        age, last_miss = policy.first, 0.0
+        firsts.append(age)
+        while lat > age:
+            last_miss = age
+            age += policy.next_wait(age, elapsed=0.0, draining=False)
+        policy.observe_done(last_miss, age)
+    return firsts
+
+
+def test_first_poll_delay_settles_near_the_quantile() -> None:
     import random
 
     rng = random.Random(1)
     policy = PollPolicy(quantile=0.85, initial=1.0)
     latencies = [rng.uniform(5.0, 15.0) for _ in range(4000)]
-    seen = []
-    for lat in latencies:
-        policy.observe_first_poll(done=lat <= policy.first)
-        seen.append(policy.first)
-    # the 0.85 quantile of U(5, 15) is 13.5
-    assert 12.8 < sum(seen[-1000:]) / 1000 < 14.2
-    assert 12.0 < policy.first < 15.0
-    assert seen[200] > 10.0  # most of the way there within a couple of hundred jobs
+    firsts = simulate(policy, latencies)
+    # the 0.85 quantile of U(5, 15) is 13.5; a fraction ~q of jobs is done at the first poll
+    assert 12.0 < sum(firsts[-1000:]) / 1000 < 15.0
+    done_first = sum(lat <= f for lat, f in zip(latencies[-1000:], firsts[-1000:], strict=True))
+    assert 0.75 < done_first / 1000 < 0.95
+
+
+def test_a_burst_of_misses_cannot_run_the_estimate_away() -> None:
+    policy = PollPolicy(initial=1.0)
+    for _ in range(5000):  # thousands of first polls that all missed, nothing finished yet
+        policy.next_wait(1.0, elapsed=0.0, draining=False)
+    assert policy.first == 1.0
+    for _ in range(100):
+        policy.observe_done(1.0, 2.0)  # then they finish between 1 s and 2 s
+    assert 1.2 < policy.first < 1.6
 
 
 def test_next_wait_backs_off_geometrically_and_caps_in_the_tail() -> None:
