@@ -68,7 +68,7 @@ def contestant(name: str, jobs: Path, url: str, scale: float, work: Path) -> lis
         return [PY, "-m", "runner", "-q", "run", str(jobs), "--db", str(work / "runner.db"),
                 "-o", str(work / "runner.out.jsonl"), "--submit-rps", str(10 * scale),
                 "--submit-per-hour", "5000", "--quota-window", str(3600 / scale),
-                "--poll-rps", str(50 * scale)]  # fmt: skip
+                "--poll-rps", str(50 * scale), "--llm-url", url, "--operation-url", url]  # fmt: skip
     return [PY, str(ROOT / "bench" / "sdk_pattern.py"), str(jobs), url, str(scale),
             str(work / "sdk.out.jsonl")]  # fmt: skip
 

@@ -92,6 +92,8 @@ def cli(verbose: int, quiet: bool) -> None:
 @click.option("--iam-token-command", envvar="RUNNER_IAM_TOKEN_COMMAND",
               help='Command printing a fresh IAM token, e.g. "yc iam create-token".')  # fmt: skip
 @click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1))
+@click.option("--context-budget", default=32768, show_default=True, type=click.IntRange(min=1),
+              help="Tokens a chat turn may need; a longer conversation fails, not the API.")  # fmt: skip
 def run(
     jobs: str | None,
     db: str,
@@ -111,6 +113,7 @@ def run(
     resubmit_stuck: bool,
     iam_token_command: str | None,
     request_timeout: float,
+    context_budget: int,
 ) -> None:
     """Add JOBS (if given) to the database, then submit and poll until every job is finished.
 
@@ -121,7 +124,7 @@ def run(
     """
     settings = Settings(
         submit_rps=submit_rps, submit_per_hour=submit_per_hour, poll_rps=poll_rps, mode=mode,
-        quota_window=quota_window,
+        quota_window=quota_window, context_budget=context_budget,
         max_faults=max_faults, op_deadline=op_deadline * 3600, resubmit_stuck=resubmit_stuck,
         output=output,
     )  # fmt: skip

@@ -29,8 +29,11 @@ DEFAULT_MODEL = "yandexgpt-lite"
 
 _PASSTHROUGH = ("jsonObject", "jsonSchema", "tools", "toolChoice", "parallelToolCalls")
 _KNOWN = frozenset(
-    ("id", "prompt", "system", "messages", "model", "modelUri", "completionOptions", *_PASSTHROUGH)
-)
+    (
+        "id", "prompt", "system", "messages", "turns", "model", "modelUri", "completionOptions",
+        *_PASSTHROUGH,
+    )
+)  # fmt: skip
 _OPTION_KEYS = frozenset(("stream", "temperature", "maxTokens", "reasoningOptions"))
 _REASONING_MODES = ("REASONING_MODE_UNSPECIFIED", "DISABLED", "ENABLED_HIDDEN")
 
@@ -39,7 +42,8 @@ _REASONING_MODES = ("REASONING_MODE_UNSPECIFIED", "DISABLED", "ENABLED_HIDDEN")
 class Spec:
     line: int
     id: str
-    body: str  # canonical JSON of the request body
+    body: str  # canonical JSON of the request body (of the first turn, for a chat)
+    turns: str | None = None  # canonical JSON list of a chat's user turns
 
 
 class _Bad(ValueError):
@@ -111,7 +115,8 @@ def read_jobs(path: str, folder_id: str, default_uri: str) -> Iterator[Spec | Pr
             except _Bad as e:
                 yield Problem(path, number, e.field, e.message)
                 continue
-            yield Spec(number, job_id, canonical(body))
+            turns = obj.get("turns")
+            yield Spec(number, job_id, canonical(body), canonical(turns) if turns else None)
 
 
 def _lines(f: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
@@ -139,7 +144,25 @@ def parse_job(obj: Any, line: int, folder_id: str, default_uri: str) -> tuple[st
         raise _Bad(unknown[0], "unknown field")
     job_id = _job_id(obj.get("id", f"line-{line}"))
 
-    if "prompt" in obj:
+    if "turns" in obj:
+        # a chat: the history so far (system, or messages) and the first turn's question
+        turns = obj["turns"]
+        if not isinstance(turns, list) or not turns:
+            raise _Bad("turns", "must be a non-empty list of strings")
+        for i, turn in enumerate(turns):
+            _text(turn, f"turns[{i}]")
+        if "prompt" in obj:
+            raise _Bad("prompt", "give either prompt or turns, not both")
+        if "system" in obj and "messages" in obj:
+            raise _Bad("system", "put the system message inside messages")
+        if "messages" in obj:
+            messages = _messages(obj["messages"], history=True)
+        elif "system" in obj:
+            messages = [{"role": "system", "text": _text(obj["system"], "system")}]
+        else:
+            messages = []
+        messages.append({"role": "user", "text": turns[0]})
+    elif "prompt" in obj:
         if "messages" in obj:
             raise _Bad("prompt", "give either prompt or messages, not both")
         messages = []
@@ -151,7 +174,7 @@ def parse_job(obj: Any, line: int, folder_id: str, default_uri: str) -> tuple[st
             raise _Bad("system", "put the system message inside messages")
         messages = _messages(obj["messages"])
     else:
-        raise _Bad("prompt", "missing: give prompt or messages")
+        raise _Bad("prompt", "missing: give prompt, messages or turns")
 
     if "model" in obj and "modelUri" in obj:
         raise _Bad("model", "give either model or modelUri, not both")
@@ -205,7 +228,7 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
+def _messages(value: Any, history: bool = False) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise _Bad("messages", "must be a list")
     if not value:
@@ -223,7 +246,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         elif not ("toolCallList" in msg or "toolResultList" in msg):
             raise _Bad(f"{where}.text", "missing")
         out.append(msg)
-    if all(m["role"] == "system" for m in out):
+    if not history and all(m["role"] == "system" for m in out):
         raise _Bad("messages", "needs at least one user or assistant message")
     return out
 

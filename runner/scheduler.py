@@ -53,6 +53,7 @@ class Settings:
     poll_concurrency: int = 64
     op_deadline: float = 24 * 3600.0
     resubmit_stuck: bool = False
+    context_budget: int = 32768  # tokens a chat's next turn may need (history + answer)
     output: str | None = None
     batch_window: float = 0.02
     policy: PollPolicy = field(default_factory=PollPolicy)
@@ -395,10 +396,10 @@ class Scheduler:
         if not batch:
             return
         with anyio.CancelScope(shield=True):
-            finished = await self.store.apply(batch)
+            finished, advanced = await self.store.apply(batch, self.s.context_budget)
             if finished and self.s.output:
                 self.stats.written += await self.store.export(self.s.output)
-        if any(isinstance(u, Requeue) for u in batch):
+        if advanced or any(isinstance(u, Requeue) for u in batch):
             self._work_changed.set()
         for u in batch:
             if isinstance(u, Finished) and u.failure is not None:

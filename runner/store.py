@@ -34,7 +34,7 @@ import aiosqlite
 import anyio
 
 from runner.errors import InputError, Problem, StoreError
-from runner.inputs import Spec
+from runner.inputs import Spec, canonical
 from runner.jobs import ApiFailure, Claim, Completion, Running, State
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -251,9 +251,9 @@ class Store:
         staged = 0
         items = iter(specs)
 
-        def take() -> list[tuple[int, str, str]]:
+        def take() -> list[tuple[int, str, str, str | None]]:
             nonlocal extra
-            rows: list[tuple[int, str, str]] = []
+            rows: list[tuple[int, str, str, str | None]] = []
             for item in items:
                 if isinstance(item, Problem):
                     if len(problems) < MAX_REPORTED:
@@ -261,14 +261,14 @@ class Store:
                     else:
                         extra += 1
                     continue
-                rows.append((item.line, item.id, item.body))
+                rows.append((item.line, item.id, item.body, item.turns))
                 if len(rows) >= INGEST_BATCH:
                     break
             return rows
 
         async with self.transaction() as db:
             await db.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS staging (line INTEGER, id TEXT, body TEXT)"
+                "CREATE TEMP TABLE IF NOT EXISTS staging (line INTEGER, id TEXT, body TEXT, turns TEXT)"
             )
             await db.execute("DELETE FROM staging")
             # parse the next batch in a worker thread while SQLite (which releases the GIL
@@ -276,7 +276,7 @@ class Store:
             batch = await anyio.to_thread.run_sync(take)
             while batch:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(db.executemany, "INSERT INTO staging VALUES (?, ?, ?)", batch)
+                    tg.start_soon(db.executemany, "INSERT INTO staging VALUES (?, ?, ?, ?)", batch)
                     following = await anyio.to_thread.run_sync(take)
                 staged += len(batch)
                 batch = following
@@ -293,7 +293,8 @@ class Store:
                 )
             cur = await db.execute(
                 "SELECT s.line, s.id, j.line FROM staging s JOIN jobs j ON j.id = s.id "
-                "WHERE j.body != s.body ORDER BY s.line LIMIT ?",
+                "WHERE COALESCE(j.origin, j.body) != s.body OR j.turns IS NOT s.turns "
+                "ORDER BY s.line LIMIT ?",
                 (MAX_REPORTED,),
             )
             for line, job_id, old_line in await cur.fetchall():
@@ -312,7 +313,9 @@ class Store:
                     problems[:MAX_REPORTED], extra + max(0, len(problems) - MAX_REPORTED)
                 )
             cur = await db.execute(
-                "INSERT INTO jobs (id, line, body) SELECT id, line, body FROM staging s "
+                "INSERT INTO jobs (id, line, body, turns, origin) "
+                "SELECT id, line, body, turns, CASE WHEN turns IS NULL THEN NULL ELSE body END "
+                "FROM staging s "
                 "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid"
             )
             added = cur.rowcount
@@ -365,9 +368,13 @@ class Store:
         )
         return [Running(r[0], r[1], r[2]) for r in await cur.fetchall()]
 
-    async def apply(self, updates: list[Update]) -> int:
-        """Write a batch of outcomes in one transaction; returns how many jobs finished."""
-        finished = 0
+    async def apply(self, updates: list[Update], context_budget: int = 32768) -> tuple[int, int]:
+        """Write a batch of outcomes in one transaction.
+
+        Returns (jobs finished, chat turns advanced): a chat's answered turn that is not its
+        last puts the job back to pending with the next turn's request as its body.
+        """
+        finished = advanced = 0
         async with self.transaction() as db:
             seq_row = await (
                 await db.execute("SELECT COALESCE(MAX(finish_seq), 0) FROM jobs")
@@ -385,12 +392,19 @@ class Store:
                         "UPDATE jobs SET state = ?, finished_at = ?, finish_seq = ?, "
                         "polls = polls + ?, result = ?, error = ?, input_tokens = ?, "
                         "completion_tokens = ?, reasoning_tokens = ?, total_tokens = ? "
-                        "WHERE rowid = ? AND state IN ('submitting', 'running')",
+                        "WHERE rowid = ? AND state IN ('submitting', 'running') AND turns IS NULL",
                         _finished_values(u, seq + 1),
                     )
                     if cur.rowcount:  # a job finishes once, whatever is replayed
                         seq += 1
                         finished += 1
+                        continue
+                    outcome = await self._chat_turn(db, u, seq + 1, context_budget)
+                    if outcome == "finished":
+                        seq += 1
+                        finished += 1
+                    elif outcome == "advanced":
+                        advanced += 1
                 else:
                     await db.execute(  # guarded like the others: never revive a finished job
                         "UPDATE jobs SET state = 'pending', next_at = ?, polls = polls + ?, "
@@ -411,12 +425,81 @@ class Store:
                             u.rowid,
                         ),
                     )
-        return finished
+        return finished, advanced
 
-    async def faults_of(self, rowid: int) -> int:
-        cur = await self.db.execute("SELECT faults FROM jobs WHERE rowid = ?", (rowid,))
+    async def _chat_turn(
+        self, db: aiosqlite.Connection, u: Finished, seq: int, budget: int
+    ) -> str | None:
+        cur = await db.execute(
+            "SELECT turns, turn, transcript, body, operation_id FROM jobs "
+            "WHERE rowid = ? AND state IN ('submitting', 'running') AND turns IS NOT NULL",
+            (u.rowid,),
+        )
         row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        if row is None:
+            return None  # already finished: a replayed outcome
+        turns: list[str] = json.loads(row[0])
+        turn: int = row[1]
+        transcript: list[dict[str, Any]] = json.loads(row[2] or "[]")
+        body: dict[str, Any] = json.loads(row[3])
+        if u.completion is None:
+            failure = u.failure or ApiFailure(2, "unknown failure")
+            failed = ApiFailure(failure.code, f"turn {turn + 1} of {len(turns)}: {failure.message}")
+            await db.execute(
+                "UPDATE jobs SET state = 'failed', finished_at = ?, finish_seq = ?, "
+                "polls = polls + ?, error = ? WHERE rowid = ?",
+                (u.at, seq, u.polls, json.dumps(failed.as_dict()), u.rowid),
+            )
+            return "finished"
+        c = u.completion
+        transcript.append({"text": c.text, "usage": c.usage, "operationId": row[4]})
+        messages = [*body["messages"], {"role": "assistant", "text": c.text}]
+        if turn + 1 < len(turns):
+            question = turns[turn + 1]
+            max_tokens = int(body.get("completionOptions", {}).get("maxTokens", 0))
+            # the server counted this history exactly; add the next question (~3 chars a
+            # token, generous for Russian and English) and the room kept for the answer
+            needed = c.usage.get("totalTokens", 0) + len(question) // 3 + 1 + max_tokens
+            if needed <= budget:
+                body["messages"] = [*messages, {"role": "user", "text": question}]
+                await db.execute(
+                    "UPDATE jobs SET state = 'pending', next_at = 0, turn = turn + 1, "
+                    "body = ?, transcript = ?, polls = polls + ?, idem_key = NULL, "
+                    "operation_id = NULL WHERE rowid = ?",
+                    (canonical(body), json.dumps(transcript, ensure_ascii=False), u.polls, u.rowid),
+                )
+                return "advanced"
+            failed = ApiFailure(
+                3,
+                f"turn {turn + 2} of {len(turns)} would need about {needed} tokens, over the "
+                f"context budget of {budget} (--context-budget); shorten the conversation",
+            )
+            await db.execute(
+                "UPDATE jobs SET state = 'failed', finished_at = ?, finish_seq = ?, "
+                "polls = polls + ?, error = ?, transcript = ? WHERE rowid = ?",
+                (u.at, seq, u.polls, json.dumps(failed.as_dict()),
+                 json.dumps(transcript, ensure_ascii=False), u.rowid),
+            )  # fmt: skip
+            return "finished"
+        usage = {k: sum(t["usage"].get(k, 0) for t in transcript) for k in c.usage}
+        result = {
+            "text": c.text,
+            "alternativeStatus": c.alternative_status,
+            "usage": usage,
+            "modelVersion": c.model_version,
+            "turns": transcript,
+            "messages": messages,
+        }
+        await db.execute(
+            "UPDATE jobs SET state = 'done', finished_at = ?, finish_seq = ?, polls = polls + ?, "
+            "result = ?, transcript = ?, input_tokens = ?, completion_tokens = ?, "
+            "reasoning_tokens = ?, total_tokens = ? WHERE rowid = ?",
+            (u.at, seq, u.polls, json.dumps(result, ensure_ascii=False),
+             json.dumps(transcript, ensure_ascii=False), usage.get("inputTextTokens", 0),
+             usage.get("completionTokens", 0), usage.get("reasoningTokens", 0),
+             usage.get("totalTokens", 0), u.rowid),
+        )  # fmt: skip
+        return "finished"
 
     # -- reporting --------------------------------------------------------------------------
 

@@ -130,3 +130,30 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         list(read_jobs(str(tmp_path / "nope.jsonl"), "f", URI))
     with pytest.raises(UsageError, match="is a directory"):
         list(read_jobs(str(tmp_path), "f", URI))
+
+
+def test_chat_shape_first_turn_body_and_turns(tmp_path: Path) -> None:
+    [spec] = parse(tmp_path, '{"id": "c1", "system": "s", "turns": ["one", "two"]}')
+    assert isinstance(spec, Spec)
+    assert body(spec)["messages"] == [
+        {"role": "system", "text": "s"},
+        {"role": "user", "text": "one"},
+    ]
+    assert json.loads(spec.turns or "") == ["one", "two"]
+    [single] = parse(tmp_path, '{"prompt": "x"}')
+    assert isinstance(single, Spec) and single.turns is None
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ('{"turns": []}', "turns"),
+        ('{"turns": "one"}', "turns"),
+        ('{"turns": ["ok", 3]}', "turns[1]"),
+        ('{"turns": ["ok", " "]}', "turns[1]"),
+        ('{"turns": ["a"], "prompt": "b"}', "prompt"),
+    ],
+)
+def test_bad_chat_lines(tmp_path: Path, line: str, field: str) -> None:
+    [problem] = parse(tmp_path, line)
+    assert isinstance(problem, Problem) and problem.field == field
