@@ -8,22 +8,38 @@ usage or input, 1 some jobs failed, 3 the API refused the credentials, 130 inter
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import anyio
 import click
 
-from runner import commands
+from runner import commands, pricing
 from runner import emulator as emu
 from runner.errors import RunnerError
+from runner.jobs import State
 from runner.scheduler import Settings
 
 DB_OPTION = click.option(
     "--db", default="runner.db", envvar="RUNNER_DB", show_default=True, help="SQLite state file."
 )
+
+
+PRICE_OPTION = click.option(
+    "--price", multiple=True, metavar="MODEL=PER_1K",
+    help="Override a model's price per 1,000 tokens (async), e.g. yandexgpt=0.6.",
+)  # fmt: skip
+
+
+def _prices(overrides: tuple[str, ...]) -> dict[str, float]:
+    try:
+        return pricing.parse_prices(overrides)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 class Failure(click.ClickException):
@@ -51,8 +67,10 @@ def _call(func: Any, *args: Any) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
-def cli(verbose: int, quiet: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Run JSONL prompts through Yandex AI Studio's completionAsync API, resumably."""
+    ctx.obj = (verbose, quiet)
     level = (
         logging.ERROR
         if quiet
@@ -94,7 +112,14 @@ def cli(verbose: int, quiet: bool) -> None:
 @click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1))
 @click.option("--context-budget", default=32768, show_default=True, type=click.IntRange(min=1),
               help="Tokens a chat turn may need; a longer conversation fails, not the API.")  # fmt: skip
+@click.option("--dry-run", is_flag=True, help="Validate, count and price the file; send nothing.")
+@PRICE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")
+@click.option("--progress-interval", default=None, type=click.FloatRange(min=0.1),
+              help="Seconds between progress updates (default: 1 on a terminal, 10 otherwise).")  # fmt: skip
+@click.pass_context
 def run(
+    ctx: click.Context,
     jobs: str | None,
     db: str,
     output: str | None,
@@ -114,6 +139,10 @@ def run(
     iam_token_command: str | None,
     request_timeout: float,
     context_budget: int,
+    dry_run: bool,
+    price: tuple[str, ...],
+    as_json: bool,
+    progress_interval: float | None,
 ) -> None:
     """Add JOBS (if given) to the database, then submit and poll until every job is finished.
 
@@ -128,11 +157,30 @@ def run(
         max_faults=max_faults, op_deadline=op_deadline * 3600, resubmit_stuck=resubmit_stuck,
         output=output,
     )  # fmt: skip
+    verbose, quiet = ctx.obj
+    tty = sys.stderr.isatty() and not verbose
     opts = commands.RunOptions(
         jobs=jobs, db=db, output=output, model=model, folder_id=folder_id, emulator=emulator,
         llm_url=llm_url, operation_url=operation_url, iam_token_command=iam_token_command,
-        request_timeout=request_timeout, settings=settings,
+        request_timeout=request_timeout, settings=settings, prices=_prices(price),
+        progress="off" if quiet else ("tty" if tty else "plain"),
+        progress_interval=progress_interval or (1.0 if tty else 10.0),
     )  # fmt: skip
+    if dry_run:
+        plan = _call(commands.dry_run, opts)
+        if as_json:
+            click.echo(json.dumps(plan, ensure_ascii=False))
+            return
+        models = ", ".join(f"{m} x{n}" for m, n in plan["models"].items())
+        cost = plan["cost"]
+        click.echo(
+            f"{plan['jobs']} jobs ({plan['new']} new, {plan['known']} already in {db}); models: {models}"
+        )
+        click.echo(
+            f"about {plan['estimatedInputTokens']} input tokens, ~{cost['total']:.2f} "
+            f"{cost['currency']} for the prompts (estimate; answers cost extra). Nothing was sent."
+        )
+        return
     report: commands.RunReport = _call(commands.run, opts)
     c = report.counts
     click.echo(
@@ -150,29 +198,124 @@ def run(
 @cli.command()
 @DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(db: str, as_json: bool) -> None:
-    """Counts per state, token usage and submit statistics.
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until Ctrl-C.")
+@PRICE_OPTION
+def status(db: str, as_json: bool, watch: bool, price: tuple[str, ...]) -> None:
+    """Counts per state, tokens, estimated cost, retries and the commonest errors.
 
     \b
     Example:
-      runner status --json
+      runner status
+      runner status --json | jq .cost
     """
-    import json
+    prices = _prices(price)
+    while True:
+        data = _call(commands.status, db, prices)
+        if watch and not as_json:
+            click.clear()
+        click.echo(json.dumps(data, ensure_ascii=False) if as_json else format_status(data))
+        if not watch:
+            return
+        time.sleep(2)
 
-    data = _call(commands.status, db)
-    if as_json:
-        click.echo(json.dumps(data))
-        return
+
+def format_status(data: dict[str, Any]) -> str:
     states = ("pending", "submitting", "running", "done", "failed", "cancelled")
-    click.echo(f"total {data['total']}: " + ", ".join(f"{s} {data[s]}" for s in states))
-    u = data["usage"]
+    u, cost = data["usage"], data["cost"]
+    lines = [
+        f"jobs      {data['total']}: " + ", ".join(f"{s} {data[s]}" for s in states),
+        f"tokens    input {u['inputTextTokens']}, completion {u['completionTokens']}, "
+        f"reasoning {u['reasoningTokens']}, total {u['totalTokens']}",
+        f"cost      ~{cost['total']:.2f} {cost['currency']} (estimate"
+        + (f"; no price for {', '.join(cost['unpriced'])}" if cost["unpriced"] else "")
+        + ")",
+        f"submits   {data['submits']} (ambiguous {data['ambiguousSubmits']}, resubmitted after "
+        f"expiry {data['resubmits']}, transient errors retried {data['retries']})",
+    ]
+    if data["oldestRunningAgeSeconds"] is not None:
+        lines.append(f"oldest running operation: {data['oldestRunningAgeSeconds']:.0f} s")
+    if data["topErrors"]:
+        lines.append("top errors:")
+        lines += [
+            f"  {e['count']:>6} x code {e['code']}: {e['message']}" for e in data["topErrors"]
+        ]
+        lines.append(
+            "  (runner retry moves failed jobs back to pending; runner jobs --status failed lists them)"
+        )
+    return "\n".join(lines)
+
+
+@cli.command()
+@DB_OPTION
+@click.option("--status", "state", type=click.Choice([s.value for s in State]))
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def jobs(db: str, state: str | None, limit: int, as_json: bool) -> None:
+    """List jobs with their state, attempts, operation id and last error.
+
+    \b
+    Example:
+      runner jobs --status failed --limit 20
+    """
+    rows = _call(commands.jobs, db, state, limit)
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    for r in rows:
+        error = r["lastError"]
+        detail = f"  error {error['code']}: {error['message']}" if error else ""
+        turn = f"  turn {r['turn']}" if "turn" in r else ""
+        click.echo(
+            f"{r['id']}\t{r['state']}\tattempts {r['attempts']}\t{r['operationId'] or '-'}{turn}{detail}"
+        )
+
+
+@cli.command()
+@DB_OPTION
+@click.option("--status", "states", multiple=True, type=click.Choice(["failed", "cancelled"]),
+              default=["failed"], show_default=True)  # fmt: skip
+@click.option("--error-code", type=int, help="Only jobs that failed with this gRPC code.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def retry(db: str, states: tuple[str, ...], error_code: int | None, as_json: bool) -> None:
+    """Move finished jobs back to pending (their outcome is kept in history); rerun to resend.
+
+    \b
+    Example:
+      runner retry --error-code 13 && runner run -o results.jsonl
+    """
+    moved = _call(commands.retry, db, tuple(states), error_code)
+    if as_json:
+        click.echo(json.dumps({"moved": moved}))
+    else:
+        click.echo(f"{moved} jobs moved back to pending; run `runner run` to submit them again")
+
+
+@cli.command()
+@DB_OPTION
+@click.option("--pending-only", is_flag=True, help="Leave running operations alone.")
+@click.option("--emulator", is_flag=True, help="Talk to the built-in emulator.")
+@click.option("--folder-id", help="Folder id (default: env YC_FOLDER_ID).")
+@click.option("--llm-url", envvar="RUNNER_LLM_URL")
+@click.option("--operation-url", envvar="RUNNER_OPERATION_URL")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cancel(db: str, pending_only: bool, emulator: bool, folder_id: str | None, llm_url: str | None,
+           operation_url: str | None, as_json: bool) -> None:  # fmt: skip
+    """Stop a batch: pending jobs are cancelled; running operations are cancelled on the
+    server where it allows (best effort), otherwise left to finish and recorded by a later run.
+
+    \b
+    Example:
+      runner cancel --pending-only
+    """
+    opts = commands.RunOptions(db=db, emulator=emulator, folder_id=folder_id, llm_url=llm_url,
+                               operation_url=operation_url)  # fmt: skip
+    report = _call(commands.cancel, opts, pending_only)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
     click.echo(
-        f"tokens: input {u['inputTextTokens']}, completion {u['completionTokens']}, "
-        f"reasoning {u['reasoningTokens']}, total {u['totalTokens']}"
-    )
-    click.echo(
-        f"submits {data['submits']}, ambiguous {data['ambiguousSubmits']}, "
-        f"resubmitted after expiry {data['resubmits']}, transient faults {data['faults']}"
+        f"{report['cancelledPending']} pending jobs cancelled, {report['cancelledRunning']} running "
+        f"operations cancelled, {report['leftRunning']} left running (a later `runner run` records them)"
     )
 
 
@@ -183,7 +326,10 @@ def status(db: str, as_json: bool) -> None:
     "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
 )
 @click.option("--status", "state", type=click.Choice(["done", "failed", "cancelled"]))
-def results(db: str, output: str | None, fmt: str, state: str | None) -> None:
+@click.option("--include-request", is_flag=True, help="Add the request body sent for each job.")
+def results(
+    db: str, output: str | None, fmt: str, state: str | None, include_request: bool
+) -> None:
     """Export finished jobs from the database.
 
     \b
@@ -191,11 +337,11 @@ def results(db: str, output: str | None, fmt: str, state: str | None) -> None:
       runner results -o results.csv --format csv --status done
     """
     if output is None:
-        _call(commands.results, db, sys.stdout, fmt, state)
+        _call(commands.results, db, sys.stdout, fmt, state, include_request)
         return
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        n = _call(commands.results, db, f, fmt, state)
+        n = _call(commands.results, db, f, fmt, state, include_request)
     click.echo(f"{n} results written to {output}", err=True)
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -26,9 +27,12 @@ import aiohttp
 import anyio
 
 from runner import emulator as emu
+from runner import pricing
 from runner.api import DEFAULT_LLM_URL, DEFAULT_OPERATION_URL, Client, Credentials, check_url
+from runner.backoff import Pacer
 from runner.errors import RunnerError, UsageError
-from runner.inputs import DEFAULT_MODEL, model_uri, read_jobs
+from runner.inputs import DEFAULT_MODEL, Spec, model_uri, read_jobs
+from runner.progress import Progress
 from runner.scheduler import Scheduler, Settings, Stats
 from runner.store import RunLock, Store
 
@@ -58,6 +62,9 @@ class RunOptions:
     operation_url: str | None = None
     iam_token_command: str | None = None
     request_timeout: float = 60.0
+    prices: dict[str, float] = field(default_factory=lambda: dict(pricing.ASYNC_PRICE_PER_1K))
+    progress: str = "off"  # "tty" | "plain" | "off"
+    progress_interval: float = 10.0
     settings: Settings = field(default_factory=Settings)
     emulator_config: emu.Config = field(default_factory=emu.Config)
 
@@ -147,7 +154,8 @@ async def _run_locked(opts: RunOptions, creds: Credentials, default_uri: str) ->
                     timeout=opts.request_timeout,
                 )  # fmt: skip
                 scheduler = Scheduler(store, client, opts.settings)
-                stats = await scheduler.run()
+                progress = Progress(scheduler, opts.prices, opts.progress, opts.progress_interval)
+                stats = await scheduler.run(progress)
             counts = await store.counts()
     except RunnerError:
         if not existed and not added:
@@ -156,11 +164,14 @@ async def _run_locked(opts: RunOptions, creds: Credentials, default_uri: str) ->
     return RunReport(added, known, stats, counts)
 
 
-async def status(db: str) -> dict[str, Any]:
+async def status(db: str, prices: dict[str, float] | None = None) -> dict[str, Any]:
     _must_exist(db)
     async with Store.open(db) as store:
         counts = await store.counts()
         totals = await store.totals()
+        usage_by_model = await store.usage_by_model()
+        oldest = await store.oldest_running()
+        errors = await store.top_errors()
     usage = {
         k: totals[k]
         for k in ("inputTextTokens", "completionTokens", "reasoningTokens", "totalTokens")
@@ -169,11 +180,116 @@ async def status(db: str) -> dict[str, Any]:
         "total": sum(counts.values()),
         **counts,
         "usage": usage,
+        "cost": pricing.estimate(usage_by_model, prices or pricing.ASYNC_PRICE_PER_1K),
         "ambiguousSubmits": totals["ambiguousSubmits"],
         "resubmits": totals["resubmits"],
-        "faults": totals["faults"],
+        "retries": totals["faults"],
         "submits": totals["submits"],
+        "oldestRunningAgeSeconds": None if oldest is None else round(time.time() - oldest, 1),
+        "topErrors": errors,
     }
+
+
+async def jobs(db: str, state: str | None, limit: int) -> list[dict[str, Any]]:
+    _must_exist(db)
+    async with Store.open(db) as store:
+        return await store.list_jobs(state, limit)
+
+
+@contextlib.asynccontextmanager
+async def _locked_store(db: str) -> AsyncIterator[Store]:
+    """The store, with the run lock held: operator actions never race a live run."""
+    _must_exist(db)
+    lock = RunLock(db)
+    lock.acquire()
+    try:
+        async with Store.open(db) as store:
+            yield store
+    finally:
+        lock.release()
+
+
+async def retry(db: str, states: tuple[str, ...], error_code: int | None) -> int:
+    async with _locked_store(db) as store:
+        return await store.retry(states, error_code)
+
+
+async def cancel(opts: RunOptions, pending_only: bool) -> dict[str, int]:
+    """Cancel pending jobs; ask the server to cancel running ones (best effort)."""
+    report = {"cancelledPending": 0, "cancelledRunning": 0, "leftRunning": 0}
+    async with _locked_store(opts.db) as store:
+        report["cancelledPending"] = await store.cancel_pending()
+        running = [] if pending_only else await store.running_operations()
+        if not running:
+            report["leftRunning"] = len(await store.running_operations())
+            return report
+        creds = credentials(opts)
+        cancelled: list[int] = []
+        async with (
+            _endpoints(opts) as (llm_url, op_url),
+            aiohttp.ClientSession() as session,
+        ):
+            client = Client(session, creds, llm_url=llm_url, operation_url=op_url,
+                            timeout=opts.request_timeout)  # fmt: skip
+            pacer = Pacer(opts.settings.poll_rps)
+            for rowid, op_id in running:
+                await pacer.slot()
+                if await client.cancel(op_id):
+                    cancelled.append(rowid)
+        await store.mark_cancelled(cancelled)
+        report["cancelledRunning"] = len(cancelled)
+        report["leftRunning"] = len(running) - len(cancelled)
+    return report
+
+
+async def dry_run(opts: RunOptions) -> dict[str, Any]:
+    """Validate the file against the database, count and price it; store and send nothing."""
+    if not opts.jobs:
+        raise UsageError("--dry-run needs a JOBS file")
+    folder = opts.folder_id or _env("YC_FOLDER_ID", "FOLDER_ID") or EMULATOR_FOLDER
+    try:
+        default_uri = model_uri(opts.model, folder)
+    except ValueError as e:
+        raise UsageError(f"--model: {e}") from None
+    existed = os.path.exists(opts.db)
+    models: dict[str, int] = {}
+    chars: dict[str, int] = {}
+    count = 0
+    for item in read_jobs(opts.jobs, folder, default_uri):
+        if isinstance(item, Spec):
+            count += 1
+            body = json.loads(item.body)
+            uri = body["modelUri"]
+            models[uri] = models.get(uri, 0) + 1
+            text = sum(len(m.get("text", "")) for m in body["messages"])
+            text += sum(len(t) for t in json.loads(item.turns)) if item.turns else 0
+            chars[uri] = chars.get(uri, 0) + text
+    lock = RunLock(opts.db)
+    lock.acquire()
+    try:
+        async with Store.open(opts.db) as store:
+            added, known = await store.ingest(
+                opts.jobs, read_jobs(opts.jobs, folder, default_uri), dry_run=True
+            )
+    finally:
+        lock.release()
+        if not existed:
+            _remove_db(opts.db)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock.path)
+    tokens = {uri: round(n / CHARS_PER_TOKEN) for uri, n in chars.items()}
+    return {
+        "jobs": count,
+        "new": added,
+        "known": known,
+        "models": {pricing.model_name(u): n for u, n in models.items()},
+        "estimatedInputTokens": sum(tokens.values()),
+        "cost": pricing.estimate(tokens, opts.prices, opts.settings.mode),
+        "note": f"input tokens estimated at {CHARS_PER_TOKEN} characters per token; answers cost extra",
+    }
+
+
+CHARS_PER_TOKEN = 3.5
 
 
 def _must_exist(db: str) -> None:
@@ -195,16 +311,21 @@ def _csv_row(line: dict[str, Any]) -> list[Any]:
     return ["" if flat.get(c) is None else flat.get(c) for c in CSV_COLUMNS]
 
 
-async def results(db: str, out: IO[str], fmt: str, state: str | None) -> int:
+async def results(
+    db: str, out: IO[str], fmt: str, state: str | None, include_request: bool = False
+) -> int:
     _must_exist(db)
     n = 0
     writer = csv.writer(out) if fmt == "csv" else None
     if writer:
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow((*CSV_COLUMNS, "request") if include_request else CSV_COLUMNS)
     async with Store.open(db) as store:
-        async for line in store.iter_results(state):
+        async for line in store.iter_results(state, include_request):
             if writer:
-                writer.writerow(_csv_row(line))
+                row = _csv_row(line)
+                if include_request:
+                    row.append(json.dumps(line["request"], ensure_ascii=False))
+                writer.writerow(row)
             else:
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
             n += 1

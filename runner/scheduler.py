@@ -35,6 +35,7 @@ from runner.backoff import Pacer, delay
 from runner.errors import FatalApiError
 from runner.jobs import ApiFailure, Claim, Running
 from runner.polling import PollPolicy
+from runner.progress import Progress
 from runner.store import Finished, Requeue, Store, Submitted, Update
 
 log = logging.getLogger("runner.scheduler")
@@ -99,12 +100,22 @@ class Scheduler:
         self.draining = False
         self._started = 0.0
         self._send: MemoryObjectSendStream[Update] | None = None
+        self._inflight = 0
+        self.base: dict[str, int] = {}
+        self.total = 0
 
     # -- the whole run ------------------------------------------------------------------
 
-    async def run(self) -> Stats:
+    @property
+    def tracked(self) -> int:
+        """Operations the poller is watching (or, in sync mode, requests on the wire)."""
+        return len(self._heap) + self._inflight
+
+    async def run(self, progress: Progress | None = None) -> Stats:
         self.stats.recovered = await self.store.recover()
         counts = await self.store.counts()
+        self.base = counts
+        self.total = sum(counts.values())
         self.outstanding = counts["pending"] + counts["running"]
         if self.s.output:
             await self.store.open_output(self.s.output)
@@ -119,6 +130,8 @@ class Scheduler:
             try:
                 async with anyio.create_task_group() as workers:
                     workers.start_soon(self._until_done, workers)
+                    if progress is not None:
+                        workers.start_soon(progress.run)
                     workers.start_soon(self._signals, workers)
                     workers.start_soon(self._submitter, workers)
                     if self.s.mode == "async":
@@ -196,7 +209,13 @@ class Scheduler:
             # shielded: a submit on the wire finishes (bounded by the client's timeout) so its
             # operation id is stored, rather than leaving an ambiguous "submitting" job behind
             with anyio.CancelScope(shield=True):
-                await self._submit(claim)
+                if self.s.mode == "sync":
+                    self._inflight += 1
+                try:
+                    await self._submit(claim)
+                finally:
+                    if self.s.mode == "sync":
+                        self._inflight -= 1
         finally:
             limiter.release()
 
@@ -304,9 +323,11 @@ class Scheduler:
             workers.start_soon(self._poll_one, op, limiter)
 
     async def _poll_one(self, op: Running, limiter: anyio.Semaphore) -> None:
+        self._inflight += 1
         try:
             await self._poll(op)
         finally:
+            self._inflight -= 1
             limiter.release()
 
     async def _poll(self, op: Running) -> None:

@@ -137,6 +137,11 @@ class Requeue:
 Update = Submitted | Finished | Requeue
 
 
+class _RollBack(Exception):
+    def __init__(self, added: int, known: int) -> None:
+        self.counts = (added, known)
+
+
 class RunLock:
     """An exclusive lock on a database for one live ``run``, released by the kernel on death.
 
@@ -244,8 +249,21 @@ class Store:
 
     # -- ingest ---------------------------------------------------------------------------
 
-    async def ingest(self, path: str, specs: Iterable[Spec | Problem]) -> tuple[int, int]:
-        """Add a file's jobs atomically; returns (added, already known). Raises ``InputError``."""
+    async def ingest(
+        self, path: str, specs: Iterable[Spec | Problem], dry_run: bool = False
+    ) -> tuple[int, int]:
+        """Add a file's jobs atomically; returns (added, already known). Raises ``InputError``.
+
+        With ``dry_run`` everything is checked and counted, then rolled back.
+        """
+        try:
+            return await self._ingest(path, specs, dry_run)
+        except _RollBack as done:
+            return done.counts
+
+    async def _ingest(
+        self, path: str, specs: Iterable[Spec | Problem], dry_run: bool
+    ) -> tuple[int, int]:
         problems: list[Problem] = []
         extra = 0
         staged = 0
@@ -313,13 +331,16 @@ class Store:
                     problems[:MAX_REPORTED], extra + max(0, len(problems) - MAX_REPORTED)
                 )
             cur = await db.execute(
-                "INSERT INTO jobs (id, line, body, turns, origin) "
-                "SELECT id, line, body, turns, CASE WHEN turns IS NULL THEN NULL ELSE body END "
+                "INSERT INTO jobs (id, line, body, turns, origin, model) "
+                "SELECT id, line, body, turns, CASE WHEN turns IS NULL THEN NULL ELSE body END, "
+                "json_extract(body, '$.modelUri') "
                 "FROM staging s "
                 "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid"
             )
             added = cur.rowcount
             await db.execute("DELETE FROM staging")
+            if dry_run:
+                raise _RollBack(added, staged - added)
         return added, staged - added
 
     # -- scheduling -----------------------------------------------------------------------
@@ -522,22 +543,119 @@ class Store:
         )  # fmt: skip
         return dict(zip(keys, (int(v) for v in (row or [0] * 8)), strict=True))
 
-    async def iter_results(self, status: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def iter_results(
+        self, status: str | None = None, include_request: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
         states = (status,) if status else ("done", "failed", "cancelled")
         marks = ",".join("?" * len(states))
         last = 0
         while True:
             cur = await self.db.execute(
-                f"SELECT {_RESULT_COLUMNS} FROM jobs WHERE finish_seq > ? AND state IN ({marks}) "
-                "ORDER BY finish_seq LIMIT 1000",
+                f"SELECT {_RESULT_COLUMNS}, COALESCE(origin, body) AS request FROM jobs "
+                f"WHERE finish_seq > ? AND state IN ({marks}) ORDER BY finish_seq LIMIT 1000",
                 (last, *states),
             )
             rows = list(await cur.fetchall())
             if not rows:
                 return
             for row in rows:
-                yield result_line(row)
+                line = result_line(row)
+                if include_request:
+                    line["request"] = json.loads(row["request"])
+                yield line
             last = rows[-1]["finish_seq"]
+
+    async def usage_by_model(self) -> dict[str, int]:
+        cur = await self.db.execute("SELECT model, total_tokens FROM usage_by_model")
+        return {str(m): int(t) for m, t in await cur.fetchall()}
+
+    async def oldest_running(self) -> float | None:
+        """Submit time of the oldest running operation (a running job's next_at is that)."""
+        cur = await self.db.execute("SELECT MIN(next_at) FROM jobs WHERE state = 'running'")
+        row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def top_errors(self, limit: int = 5) -> list[dict[str, Any]]:
+        cur = await self.db.execute(
+            "SELECT json_extract(error, '$.code'), json_extract(error, '$.message'), COUNT(*) "
+            "FROM jobs WHERE state = 'failed' GROUP BY 1, 2 ORDER BY 3 DESC LIMIT ?",
+            (limit,),
+        )
+        return [{"code": c, "message": m, "count": n} for c, m, n in await cur.fetchall()]
+
+    async def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        where, args = ("WHERE state = ?", [state]) if state else ("", [])
+        cur = await self.db.execute(
+            "SELECT id, state, attempts, operation_id, error, turn, turns, ambiguous FROM jobs "
+            f"{where} ORDER BY rowid LIMIT ?",
+            (*args, limit),
+        )
+        jobs = []
+        for row in await cur.fetchall():
+            job = {"id": row[0], "state": row[1], "attempts": row[2], "operationId": row[3],
+                   "lastError": json.loads(row[4]) if row[4] else None, "ambiguousSubmits": row[7]}  # fmt: skip
+            if row[6]:
+                job["turn"] = f"{row[5] + 1}/{len(json.loads(row[6]))}"
+            jobs.append(job)
+        return jobs
+
+    # -- operator actions -------------------------------------------------------------------
+
+    async def retry(self, states: tuple[str, ...], error_code: int | None) -> int:
+        """Move finished jobs back to pending, keeping their outcome in job_history.
+
+        Output files are derived from the database; since retried jobs will finish again,
+        every recorded output is marked for a rebuild so none ends up with two lines for them.
+        """
+        marks = ",".join("?" * len(states))
+        cond = f"state IN ({marks}) AND (? IS NULL OR json_extract(error, '$.code') = ?)"
+        args = (*states, error_code, error_code)
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO job_history (job, at, state, attempts, operation_id, error, result) "
+                f"SELECT rowid, ?, state, attempts, operation_id, error, result FROM jobs WHERE {cond}",
+                (time.time(), *args),
+            )
+            cur = await db.execute(
+                "UPDATE jobs SET state = 'pending', next_at = 0, finish_seq = NULL, "
+                "finished_at = NULL, faults = 0, idem_key = NULL, operation_id = NULL, "
+                f"result = NULL, error = NULL WHERE {cond}",
+                args,
+            )
+            moved = cur.rowcount
+            if moved:
+                await db.execute("UPDATE outputs SET last_seq = 0, size = 0")
+        return moved
+
+    async def cancel_pending(self) -> int:
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, "
+                "finish_seq = p.n + (SELECT COALESCE(MAX(finish_seq), 0) FROM jobs) "
+                "FROM (SELECT rowid AS r, ROW_NUMBER() OVER (ORDER BY rowid) AS n FROM jobs "
+                "WHERE state = 'pending') AS p WHERE jobs.rowid = p.r",
+                (time.time(),),
+            )
+            return cur.rowcount
+
+    async def running_operations(self) -> list[tuple[int, str]]:
+        cur = await self.db.execute(
+            "SELECT rowid, operation_id FROM jobs WHERE state = 'running' ORDER BY next_at"
+        )
+        return [(int(r), str(o)) for r, o in await cur.fetchall()]
+
+    async def mark_cancelled(self, rowids: list[int]) -> None:
+        async with self.transaction() as db:
+            seq = (
+                await (await db.execute("SELECT COALESCE(MAX(finish_seq), 0) FROM jobs")).fetchone()
+                or [0]
+            )[0]
+            for i, rowid in enumerate(rowids, 1):
+                await db.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, finish_seq = ? "
+                    "WHERE rowid = ? AND state = 'running'",
+                    (time.time(), seq + i, rowid),
+                )
 
     # -- the output file ----------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ class KillLoopReport:
         )
 
 
-def _states(db: Path) -> dict[str, int]:
+def db_states(db: Path) -> dict[str, int]:
     if not db.exists():
         return {}
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -70,7 +70,7 @@ def kill_loop(workdir: Path, n_jobs: int, cycles: int, seed: int = 1,
             time.sleep(rng.uniform(0.05, max_sleep))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            for state, n in _states(db).items():
+            for state, n in db_states(db).items():
                 report.killed_in_state[state] = report.killed_in_state.get(state, 0) + n
         final = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, timeout=600)
         if final.returncode != 0:
