@@ -89,7 +89,11 @@ class Scheduler:
         self.stats = Stats()
         self.on_progress = on_progress
         sync = settings.mode == "sync"
-        self.submit_pacer = Pacer(settings.submit_rps, None if sync else settings.submit_per_hour)
+        self.submit_pacer = Pacer(
+            settings.submit_rps,
+            None if sync else settings.submit_per_hour,
+            hour=settings.quota_window,
+        )
         self.poll_pacer = Pacer(settings.poll_rps)
         self._heap: list[tuple[float, int, Running]] = []
         self._seq = itertools.count()

@@ -79,6 +79,16 @@ async def test_quota_429_slows_the_pace_and_everything_finishes(
     assert rows == [(0,)]  # 429s never count toward a job's fault limit
 
 
+async def test_hourly_quota_window_is_respected_across_windows(make_emulator: Any, tmp_path: Path) -> None:
+    # a compressed "hour" of 1 s holding 5 submits: 12 jobs need three windows
+    e = await make_emulator(submit_per_hour=5, hour_seconds=1.0)
+    settings = fast_settings(submit_per_hour=5, quota_window=1.0)
+    report = await run_against(e, tmp_path, jobs(tmp_path, 12), settings=settings)
+    assert report.exit_code == 0
+    all_done(tmp_path, 12)
+    assert e.stats["submit_429"] == 0  # paced by the window, not pushed back by the server
+
+
 async def test_poll_429_is_absorbed(make_emulator: Any, tmp_path: Path) -> None:
     e = await make_emulator(poll_rps=15)
     report = await run_against(
