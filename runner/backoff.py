@@ -14,6 +14,7 @@ not the pacing, which is the behaviour under test.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import random
 
@@ -81,6 +82,24 @@ class Pacer:
         while (at := self._earliest(anyio.current_time())) > anyio.current_time():  # noqa: ASYNC110
             await anyio.sleep(at - anyio.current_time())
         return (self.per_hour - len(self._hour)) if self.per_hour is not None else 1 << 30
+
+    def horizon(self, n: int) -> float:
+        """Seconds until ``n`` more slots could have been handed out, at the current pace.
+
+        An estimate, without waiting: the per-second pace, and for the hourly window the
+        free room now, then a full window's worth each time the oldest slots roll out.
+        """
+        if n <= 0:
+            return 0.0
+        now = anyio.current_time()
+        t = max(0.0, self._paused_until - now) + n / self.rate
+        if self.per_hour is not None:
+            room = self.per_hour - len(self._hour)
+            if n > room:
+                oldest = self._hour[0] if self._hour else now
+                windows = math.ceil((n - room) / self.per_hour)
+                t = max(t, oldest + self.hour - now + (windows - 1) * self.hour)
+        return t
 
     async def slot(self) -> None:
         async with self._lock:

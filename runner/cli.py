@@ -18,11 +18,9 @@ from typing import Any
 import anyio
 import click
 
-from runner import commands, pricing
-from runner import emulator as emu
+from runner import pricing, reports
 from runner.errors import RunnerError
 from runner.jobs import State
-from runner.scheduler import Settings
 
 DB_OPTION = click.option(
     "--db", default="runner.db", envvar="RUNNER_DB", show_default=True, help="SQLite state file."
@@ -151,6 +149,9 @@ def run(
       runner run jobs.example.jsonl --emulator -o out.jsonl
       runner run -o out.jsonl          # resume what runner.db holds
     """
+    from runner import commands  # the HTTP stack is imported only by commands that use it
+    from runner.scheduler import Settings
+
     settings = Settings(
         submit_rps=submit_rps, submit_per_hour=submit_per_hour, poll_rps=poll_rps, mode=mode,
         quota_window=quota_window, context_budget=context_budget,
@@ -181,7 +182,7 @@ def run(
             f"{cost['currency']} for the prompts (estimate; answers cost extra). Nothing was sent."
         )
         return
-    report: commands.RunReport = _call(commands.run, opts)
+    report = _call(commands.run, opts)
     c = report.counts
     click.echo(
         f"{c['done']} done, {c['failed']} failed, {c['cancelled']} cancelled, "
@@ -210,7 +211,7 @@ def status(db: str, as_json: bool, watch: bool, price: tuple[str, ...]) -> None:
     """
     prices = _prices(price)
     while True:
-        data = _call(commands.status, db, prices)
+        data = _call(reports.status, db, prices)
         if watch and not as_json:
             click.clear()
         click.echo(json.dumps(data, ensure_ascii=False) if as_json else format_status(data))
@@ -257,7 +258,7 @@ def jobs(db: str, state: str | None, limit: int, as_json: bool) -> None:
     Example:
       runner jobs --status failed --limit 20
     """
-    rows = _call(commands.jobs, db, state, limit)
+    rows = _call(reports.jobs, db, state, limit)
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False))
         return
@@ -283,6 +284,8 @@ def retry(db: str, states: tuple[str, ...], error_code: int | None, as_json: boo
     Example:
       runner retry --error-code 13 && runner run -o results.jsonl
     """
+    from runner import commands
+
     moved = _call(commands.retry, db, tuple(states), error_code)
     if as_json:
         click.echo(json.dumps({"moved": moved}))
@@ -307,6 +310,8 @@ def cancel(db: str, pending_only: bool, emulator: bool, folder_id: str | None, l
     Example:
       runner cancel --pending-only
     """
+    from runner import commands
+
     opts = commands.RunOptions(db=db, emulator=emulator, folder_id=folder_id, llm_url=llm_url,
                                operation_url=operation_url)  # fmt: skip
     report = _call(commands.cancel, opts, pending_only)
@@ -337,11 +342,11 @@ def results(
       runner results -o results.csv --format csv --status done
     """
     if output is None:
-        _call(commands.results, db, sys.stdout, fmt, state, include_request)
+        _call(reports.results, db, sys.stdout, fmt, state, include_request)
         return
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        n = _call(commands.results, db, f, fmt, state, include_request)
+        n = _call(reports.results, db, f, fmt, state, include_request)
     click.echo(f"{n} results written to {output}", err=True)
 
 
@@ -388,6 +393,9 @@ def emulator(
       RUNNER_LLM_URL=http://127.0.0.1:8080 RUNNER_OPERATION_URL=http://127.0.0.1:8080 \\
         YC_API_KEY=x YC_FOLDER_ID=f runner run jobs.example.jsonl
     """
+    from runner import commands
+    from runner import emulator as emu
+
     try:
         config = emu.Config(
             latency=emu.parse_latency(latency),

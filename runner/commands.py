@@ -13,15 +13,13 @@ memory: nothing here writes them to the database, the output or a log line.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import anyio
@@ -33,6 +31,7 @@ from runner.backoff import Pacer
 from runner.errors import RunnerError, UsageError
 from runner.inputs import DEFAULT_MODEL, Spec, model_uri, read_jobs
 from runner.progress import Progress
+from runner.reports import must_exist
 from runner.scheduler import Scheduler, Settings, Stats
 from runner.store import RunLock, Store
 
@@ -164,42 +163,10 @@ async def _run_locked(opts: RunOptions, creds: Credentials, default_uri: str) ->
     return RunReport(added, known, stats, counts)
 
 
-async def status(db: str, prices: dict[str, float] | None = None) -> dict[str, Any]:
-    _must_exist(db)
-    async with Store.open(db) as store:
-        counts = await store.counts()
-        totals = await store.totals()
-        usage_by_model = await store.usage_by_model()
-        oldest = await store.oldest_running()
-        errors = await store.top_errors()
-    usage = {
-        k: totals[k]
-        for k in ("inputTextTokens", "completionTokens", "reasoningTokens", "totalTokens")
-    }
-    return {
-        "total": sum(counts.values()),
-        **counts,
-        "usage": usage,
-        "cost": pricing.estimate(usage_by_model, prices or pricing.ASYNC_PRICE_PER_1K),
-        "ambiguousSubmits": totals["ambiguousSubmits"],
-        "resubmits": totals["resubmits"],
-        "retries": totals["faults"],
-        "submits": totals["submits"],
-        "oldestRunningAgeSeconds": None if oldest is None else round(time.time() - oldest, 1),
-        "topErrors": errors,
-    }
-
-
-async def jobs(db: str, state: str | None, limit: int) -> list[dict[str, Any]]:
-    _must_exist(db)
-    async with Store.open(db) as store:
-        return await store.list_jobs(state, limit)
-
-
 @contextlib.asynccontextmanager
 async def _locked_store(db: str) -> AsyncIterator[Store]:
     """The store, with the run lock held: operator actions never race a live run."""
-    _must_exist(db)
+    must_exist(db)
     lock = RunLock(db)
     lock.acquire()
     try:
@@ -290,46 +257,6 @@ async def dry_run(opts: RunOptions) -> dict[str, Any]:
 
 
 CHARS_PER_TOKEN = 3.5
-
-
-def _must_exist(db: str) -> None:
-    if not os.path.exists(db):
-        raise UsageError(f"{db}: no such database; run `runner run JOBS.jsonl --db {db}` first")
-
-
-CSV_COLUMNS = (
-    "id", "status", "text", "alternativeStatus", "inputTextTokens", "completionTokens",
-    "reasoningTokens", "totalTokens", "modelVersion", "operationId", "attempts",
-    "errorCode", "errorMessage",
-)  # fmt: skip
-
-
-def _csv_row(line: dict[str, Any]) -> list[Any]:
-    usage = line.get("usage") or {}
-    error = line.get("error") or {}
-    flat = {**line, **usage, "errorCode": error.get("code"), "errorMessage": error.get("message")}
-    return ["" if flat.get(c) is None else flat.get(c) for c in CSV_COLUMNS]
-
-
-async def results(
-    db: str, out: IO[str], fmt: str, state: str | None, include_request: bool = False
-) -> int:
-    _must_exist(db)
-    n = 0
-    writer = csv.writer(out) if fmt == "csv" else None
-    if writer:
-        writer.writerow((*CSV_COLUMNS, "request") if include_request else CSV_COLUMNS)
-    async with Store.open(db) as store:
-        async for line in store.iter_results(state, include_request):
-            if writer:
-                row = _csv_row(line)
-                if include_request:
-                    row.append(json.dumps(line["request"], ensure_ascii=False))
-                writer.writerow(row)
-            else:
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
-            n += 1
-    return n
 
 
 async def emulator(host: str, port: int, config: emu.Config) -> None:

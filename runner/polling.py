@@ -54,6 +54,7 @@ class PollPolicy:
     min_wait: float = 0.02
     max_wait: float = 600.0
     min_samples: int = 20
+    patient_quantile: float = 0.99
     sketch: LatencySketch = field(default_factory=LatencySketch)
 
     @property
@@ -61,6 +62,21 @@ class PollPolicy:
         if self.sketch.n < self.min_samples:
             return self.initial
         return min(self.max_wait, max(self.min_wait, self.sketch.quantile(self.quantile)))
+
+    def first_wait(self, slack: float = 0.0) -> float:
+        """Delay of a new operation's first poll.
+
+        ``slack`` is how long the run must go on anyway (the quota's time to submit what is
+        still pending). A result seen before then does not bring the end nearer, so the poll
+        waits up to that long, as late as the ``patient_quantile`` when there is room, and
+        no earlier than the usual quantile: in a quota-bound run almost every job is then
+        found done by its first poll.
+        """
+        first = self.first
+        if self.sketch.n < self.min_samples:
+            return first
+        patient = min(self.max_wait, self.sketch.quantile(self.patient_quantile))
+        return max(first, min(slack, patient))
 
     def observe_done(self, last_miss: float, age: float) -> None:
         """A poll at ``age`` found the job done; the previous poll (if any) missed at ``last_miss``."""

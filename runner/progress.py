@@ -5,9 +5,9 @@ A ``Snapshot`` is built from what the scheduler already keeps in memory plus two
 On a terminal it is drawn with rich on stderr and redrawn in place; elsewhere (CI, pipes,
 ``-v``) it is a plain line every ``interval`` seconds; ``-q`` turns it off.
 
-The ETA is the quota's bound, not a guess from the recent rate: the jobs not yet submitted
-need max(n / submit_rps, n / per_hour hours), plus the completion latency the poller has
-learned (its first-poll quantile) for the last of them.
+The ETA is the quota's bound, not a guess from the recent rate: the submit pacer's horizon
+for the jobs not yet submitted (per second and per rolling hour), plus the completion latency
+the poller has learned (its first-poll quantile) for the last of them.
 """
 
 from __future__ import annotations
@@ -81,9 +81,7 @@ class Progress:
         done = sch.base["done"] + sch.stats.finished - sch.stats.failed
         failed = sch.base["failed"] + sch.stats.failed
         pending = max(0, sch.total - done - failed - sch.base["cancelled"] - running)
-        to_submit = pending / s.submit_rps
-        if s.submit_per_hour and s.mode == "async":
-            to_submit = max(to_submit, pending / s.submit_per_hour * s.quota_window)
+        to_submit = sch.submit_pacer.horizon(pending)
         latency = sch.policy.first if (pending or running) else 0.0
         return Snapshot(
             done, failed, running, pending, rates[0], rates[1], s.submit_rps, s.poll_rps,

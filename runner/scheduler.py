@@ -23,7 +23,6 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -80,14 +79,12 @@ class Scheduler:
         store: Store,
         client: Client,
         settings: Settings,
-        on_progress: Callable[[Stats], None] | None = None,
     ) -> None:
         self.store = store
         self.client = client
         self.s = settings
         self.policy = settings.policy
         self.stats = Stats()
-        self.on_progress = on_progress
         sync = settings.mode == "sync"
         self.submit_pacer = Pacer(
             settings.submit_rps,
@@ -109,6 +106,15 @@ class Scheduler:
         self.total = 0
 
     # -- the whole run ------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Jobs not yet submitted (or waiting to be resubmitted), from in-memory counts."""
+        return max(0, self.outstanding - self.tracked)
+
+    def slack(self) -> float:
+        """How long the run goes on in any case: the quota's time to submit what is pending."""
+        return self.submit_pacer.horizon(self.pending)
 
     @property
     def tracked(self) -> int:
@@ -242,7 +248,7 @@ class Scheduler:
             self._emit(Finished(claim.rowid, time.time(), 0, completion=completion))
             return
         self._emit(Submitted(claim.rowid, op_id, now))
-        self._schedule(Running(claim.rowid, op_id, now), self.policy.first)
+        self._schedule(Running(claim.rowid, op_id, now), self.policy.first_wait(self.slack()))
 
     def _submit_failed(self, claim: Claim, e: ApiError) -> None:
         now = time.time()
@@ -433,5 +439,3 @@ class Scheduler:
         self.outstanding -= finished
         if self.outstanding <= 0:
             self._all_done.set()
-        if self.on_progress:
-            self.on_progress(self.stats)

@@ -79,7 +79,9 @@ async def test_quota_429_slows_the_pace_and_everything_finishes(
     assert rows == [(0,)]  # 429s never count toward a job's fault limit
 
 
-async def test_hourly_quota_window_is_respected_across_windows(make_emulator: Any, tmp_path: Path) -> None:
+async def test_hourly_quota_window_is_respected_across_windows(
+    make_emulator: Any, tmp_path: Path
+) -> None:
     # a compressed "hour" of 1 s holding 5 submits: 12 jobs need three windows
     e = await make_emulator(submit_per_hour=5, hour_seconds=1.0)
     settings = fast_settings(submit_per_hour=5, quota_window=1.0)

@@ -97,6 +97,26 @@ def test_a_burst_of_misses_cannot_run_the_estimate_away() -> None:
     assert 1.2 < policy.first < 1.6
 
 
+def test_first_wait_uses_slack_between_the_quantiles() -> None:
+    policy = PollPolicy(quantile=0.85, patient_quantile=0.99)
+    assert policy.first_wait(slack=1000.0) == policy.initial  # nothing learned yet
+    for i in range(1000):
+        policy.observe_done(0.0, 2.0 * (1 + i % 100) / 100 * 10)  # completions spread 0.1..10 s
+    low, high = policy.first, policy.sketch.quantile(0.99)
+    assert low < high
+    assert policy.first_wait(slack=0.0) == low  # the run is ending: no patience
+    assert policy.first_wait(slack=1e9) == high  # far from the end: wait for almost all
+    assert policy.first_wait(slack=(low + high) / 2) == (low + high) / 2
+
+
+async def test_pacer_horizon_counts_hourly_windows() -> None:
+    pacer = backoff.Pacer(rate=10.0, per_hour=100, hour=100.0)
+    assert pacer.horizon(0) == 0.0
+    assert pacer.horizon(50) == pytest.approx(5.0)  # within the room left: the pace decides
+    # 250 more: 100 now, then two more windows of 101 s (the 1% margin) each
+    assert pacer.horizon(250) == pytest.approx(2 * 101.0, rel=0.01)
+
+
 def test_next_wait_backs_off_geometrically_and_caps_in_the_tail() -> None:
     policy = PollPolicy(initial=10.0, growth=2.0, tail_share=0.03)
     assert policy.next_wait(0.0, elapsed=0, draining=False) == pytest.approx(10.0)
