@@ -29,13 +29,20 @@ _BUCKETS = 300  # up to _LO * _RATIO**300, about 10^7 s
 class LatencySketch:
     counts: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     n: int = 0
+    _cache: dict[float, float] = field(default_factory=dict)  # quantiles until the next add
 
     def add(self, seconds: float) -> None:
         i = int(math.log(max(seconds, _LO) / _LO) / math.log(_RATIO))
         self.counts[min(i, _BUCKETS - 1)] += 1
         self.n += 1
+        self._cache.clear()
 
     def quantile(self, q: float) -> float:
+        if q not in self._cache:
+            self._cache[q] = self._quantile(q)
+        return self._cache[q]
+
+    def _quantile(self, q: float) -> float:
         target = q * self.n
         seen = 0
         for i, c in enumerate(self.counts):

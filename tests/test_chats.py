@@ -179,3 +179,33 @@ async def test_sync_mode_resends_a_request_cut_by_a_crash_and_counts_it(
     assert report.exit_code == 0 and report.stats.recovered == 1
     assert e.stats["completions"] == 3
     assert db_rows(tmp_path / "runner.db", "SELECT ambiguous FROM jobs WHERE id='a'") == [(1,)]
+
+
+async def test_retry_resumes_a_failed_conversation_at_its_failed_turn(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    from runner.store import Store
+
+    e = await make_emulator()
+    jobs = write_jobs(tmp_path / "c.jsonl", [CHAT])
+    await run_against(e, tmp_path, jobs, output=None)
+    db = tmp_path / "runner.db"
+    [(transcript, result)] = db_rows(db, "SELECT transcript, result FROM jobs")
+    body = json.loads(db_rows(db, "SELECT origin FROM jobs")[0][0])
+    body["messages"] = json.loads(result)["messages"][:4]
+    con = sqlite3.connect(db)
+    with con:  # turn 2 failed: the conversation failed with it
+        con.execute(
+            "UPDATE jobs SET state='failed', turn=1, body=?, transcript=?, result=NULL, "
+            'error=\'{"code": 13, "message": "turn 2 of 3: boom"}\'',
+            (emu_canonical(body), json.dumps(json.loads(transcript)[:1])),
+        )
+    con.close()
+    async with Store.open(str(db)) as store:
+        assert await store.retry(("failed",), None) == 1
+    seen_before = len(e.emulator.messages_seen)
+    report = await run_against(e, tmp_path, None)
+    assert report.exit_code == 0
+    assert e.emulator.messages_seen[seen_before:] == [4, 6]  # turn 1 is not sent again
+    [line] = read_out(tmp_path / "out.jsonl")
+    assert line["status"] == "done" and len(line["turns"]) == 3

@@ -111,7 +111,10 @@ def test_subprocess_against_standalone_emulator(tmp_path: Path) -> None:
                 assert path.stat().st_mode & 0o077 == 0, path
 
 
-def test_sigint_then_rerun_gives_every_job_exactly_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_then_rerun_gives_every_job_exactly_once(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
     jobs = make_jobs(tmp_path / "jobs.jsonl", 60)
     with emulator_process("--latency", "0.3:0.8") as url:
         cmd = runner_cmd("run", str(jobs), "-o", "out.jsonl", "--submit-rps", "40")
@@ -120,7 +123,7 @@ def test_sigint_then_rerun_gives_every_job_exactly_once(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         while not (out_file.exists() and out_file.stat().st_size) and time.monotonic() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err.decode()
         assert b"resume" in err
