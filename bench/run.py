@@ -1,6 +1,6 @@
 """Benchmarks: runner against the SDK example's pattern, side by side, plus ingest and status.
 
-    python bench/run.py                   # N=20,000 at time scale 72 (a quota "hour" is 50 s)
+    python bench/run.py                   # N=20,000 at time scale 36 (a quota "hour" is 100 s)
     python bench/run.py --jobs 3000       # a quicker look
     python bench/run.py --skip-ingest     # only the drain comparison
 
@@ -159,7 +159,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--jobs", type=int, default=20_000)
-    ap.add_argument("--scale", type=float, default=72.0)
+    ap.add_argument("--scale", type=float, default=36.0)
     ap.add_argument("--sigma", type=float, default=0.8)
     ap.add_argument("--ingest", default="10000,100000,1000000")
     ap.add_argument("--skip-ingest", action="store_true")
