@@ -133,7 +133,9 @@ class Scheduler:
         if self.outstanding == 0:
             return self.stats
         self._started = anyio.current_time()
-        send, receive = anyio.create_memory_object_stream[Update](10_000)
+        # unbounded: producers are paced by the quotas, so what waits here is at most the
+        # quota rate times a writer stall; a bound would turn a slow disk into a crash
+        send, receive = anyio.create_memory_object_stream[Update](math.inf)
         self._send = send
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._writer, receive)

@@ -154,34 +154,36 @@ async def test_failed_operation_is_reported_with_exit_1(make_emulator: Any, tmp_
     assert "generation failed" in line["error"]["message"]
 
 
+async def refused_untouched(e: Emu, tmp_path: Path, jobs: Path | None, match: str) -> None:
+    db = tmp_path / "runner.db"
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match=match):
+        await run_against(e, tmp_path, jobs)
+    assert db.read_bytes() == before
+
+
+def execute(db: Path, sql: str) -> None:
+    con = sqlite3.connect(db)
+    with con:
+        con.execute(sql)
+    con.close()
+
+
 async def test_foreign_and_newer_databases_are_refused_untouched(
     emulator: Emu, tmp_path: Path
 ) -> None:
     jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
     db = tmp_path / "runner.db"
-    con = sqlite3.connect(db)
-    con.execute("CREATE TABLE customers (id INTEGER)")
-    con.commit()
-    con.close()
-    before = db.read_bytes()
-    with pytest.raises(StoreError, match="did not create"):
-        await run_against(emulator, tmp_path, jobs)
-    assert db.read_bytes() == before
+    execute(db, "CREATE TABLE customers (id INTEGER)")
+    await refused_untouched(emulator, tmp_path, jobs, "did not create")
 
     db.unlink()
     await run_against(emulator, tmp_path, jobs)
-    con = sqlite3.connect(db)
-    con.execute("INSERT INTO runner_migrations VALUES (9999, 'future.sql', 0)")
-    con.commit()
-    con.close()
-    before = db.read_bytes()
-    with pytest.raises(StoreError, match="newer runner"):
-        await run_against(emulator, tmp_path, None)
-    assert db.read_bytes() == before
+    execute(db, "INSERT INTO runner_migrations VALUES (9999, 'future.sql', 0)")
+    await refused_untouched(emulator, tmp_path, None, "newer runner")
 
     db.write_bytes(b"this is not a database at all" * 100)
-    with pytest.raises(StoreError, match="not an SQLite database"):
-        await run_against(emulator, tmp_path, jobs)
+    await refused_untouched(emulator, tmp_path, jobs, "not an SQLite database")
 
 
 async def test_migrations_are_applied_once_and_recorded(emulator: Emu, tmp_path: Path) -> None:
