@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import random
+import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class Emulator:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config()
         self.rng = random.Random(self.config.seed)
+        self._salt = self.config.seed if self.config.seed is not None else self.rng.random()
         self.ops: dict[str, Op] = {}
         self.by_idem: dict[str, str] = {}
         self.stats: collections.Counter[str] = collections.Counter()
@@ -136,13 +138,21 @@ class Emulator:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _latency(self) -> float:
+    def _latency(self, body: dict[str, Any]) -> float:
+        """A request's latency: a fixed draw for this request body and this emulator.
+
+        Derived from the body rather than from a shared generator, so that every client sees
+        the same latency for the same job, whatever else (429s, faults) it made the emulator
+        do first: a benchmark then compares clients on equal terms.
+        """
         c = self.config
+        digest = hashlib.sha256(f"{self._salt}:{body_key(body)}".encode()).digest()
+        u = (int.from_bytes(digest[:8], "big") + 0.5) / 2**64
         if c.lognormal:
             median, sigma = c.lognormal
-            return median * math.exp(self.rng.gauss(0.0, sigma))
+            return median * math.exp(sigma * statistics.NormalDist().inv_cdf(u))
         lo, hi = c.latency
-        return self.rng.uniform(lo, hi)
+        return lo + u * (hi - lo)
 
     def _error(self, status: int, code: int, message: str, **headers: str) -> web.Response:
         # both documented shapes, chosen by a coin so clients must parse both
@@ -292,7 +302,7 @@ class Emulator:
         self.idem_keys.append(key or "")
         now = time.monotonic()
         c = self.config
-        op = Op(f"d7q{uuid.uuid4().hex[:17]}", body, now, now + self._latency())
+        op = Op(f"d7q{uuid.uuid4().hex[:17]}", body, now, now + self._latency(body))
         roll = self.rng.random()
         if roll < c.op_error_rate:
             op.error = {"code": 3, "message": "injected: generation failed", "details": []}
@@ -392,7 +402,7 @@ class Emulator:
         self.sync_inflight += 1
         self.stats["max_sync_inflight"] = max(self.stats["max_sync_inflight"], self.sync_inflight)
         try:
-            await anyio.sleep(self._latency())
+            await anyio.sleep(self._latency(body))
         finally:
             self.sync_inflight -= 1
         return web.json_response({"result": self._response(body)})

@@ -163,3 +163,21 @@ def test_operation_forms() -> None:
     }
     with pytest.raises(ValueError):
         parse_completion({"alternatives": []})
+
+
+def test_emulator_latency_is_a_fixed_draw_per_request_body() -> None:
+    import statistics
+
+    from runner.emulator import Config, Emulator
+
+    a, b = (
+        Emulator(Config(lognormal=(2.0, 0.8), seed=1)),
+        Emulator(Config(lognormal=(2.0, 0.8), seed=1)),
+    )
+    bodies = [{"messages": [{"role": "user", "text": f"p{i}"}]} for i in range(4000)]
+    for _ in range(50):
+        a.rng.random()  # whatever else the emulator drew (429 shapes, faults) does not matter
+    assert [a._latency(x) for x in bodies[:100]] == [b._latency(x) for x in bodies[:100]]
+    draws = [a._latency(x) for x in bodies]
+    assert 1.8 < statistics.median(draws) < 2.2  # the configured median
+    assert Emulator(Config(lognormal=(2.0, 0.8), seed=2))._latency(bodies[0]) != draws[0]
