@@ -178,6 +178,13 @@ class Scheduler:
             concurrency = self.s.submit_concurrency or max(4, math.ceil(self.s.submit_rps * 0.1))
         limiter = anyio.Semaphore(concurrency)
         while True:
+            # first whether there is anything to send at all: with nothing pending, waiting
+            # for quota room would hide that the run is draining (and delay its tail rule
+            # by up to an hour)
+            next_at = await self.store.next_pending_at()
+            if next_at is None or next_at > time.time():
+                await self._wait_for_work(next_at)
+                continue
             # claim what the pacer will let out in the next ~100 ms: few jobs are ever
             # "submitting" at once, so a kill leaves few ambiguous submits behind
             batch = max(1, min(64, int(self.submit_pacer.rate * 0.1)))
@@ -187,7 +194,6 @@ class Scheduler:
             batch = min(batch, await self.submit_pacer.room())
             claims = await self.store.claim(batch, time.time())
             if not claims:
-                await self._wait_for_work()
                 continue
             self.draining = False
             unsent = list(claims)
@@ -205,8 +211,7 @@ class Scheduler:
                     with anyio.CancelScope(shield=True):
                         await self.store.unclaim([c.rowid for c in unsent])
 
-    async def _wait_for_work(self) -> None:
-        next_at = await self.store.next_pending_at()
+    async def _wait_for_work(self, next_at: float | None) -> None:
         if next_at is None:
             self._start_draining()
             wait = 1.0
