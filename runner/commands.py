@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from runner import emulator as emu
 from runner import pricing
 from runner.api import DEFAULT_LLM_URL, DEFAULT_OPERATION_URL, Client, Credentials, check_url
 from runner.backoff import Pacer
-from runner.errors import RunnerError, UsageError
+from runner.errors import Problem, RunnerError, UsageError
 from runner.inputs import DEFAULT_MODEL, Spec, model_uri, read_jobs
 from runner.progress import Progress
 from runner.reports import must_exist
@@ -221,22 +221,25 @@ async def dry_run(opts: RunOptions) -> dict[str, Any]:
     existed = os.path.exists(opts.db)
     models: dict[str, int] = {}
     chars: dict[str, int] = {}
-    count = 0
-    for item in read_jobs(opts.jobs, folder, default_uri):
-        if isinstance(item, Spec):
-            count += 1
-            body = json.loads(item.body)
-            uri = body["modelUri"]
-            models[uri] = models.get(uri, 0) + 1
-            text = sum(len(m.get("text", "")) for m in body["messages"])
-            text += sum(len(t) for t in json.loads(item.turns)) if item.turns else 0
-            chars[uri] = chars.get(uri, 0) + text
+
+    def tally(items: Iterator[Spec | Problem]) -> Iterator[Spec | Problem]:
+        # counted on the way into the (rolled-back) ingest: the file is read once
+        for item in items:
+            if isinstance(item, Spec):
+                body = json.loads(item.body)
+                uri = body["modelUri"]
+                models[uri] = models.get(uri, 0) + 1
+                text = sum(len(m.get("text", "")) for m in body["messages"])
+                text += sum(len(t) for t in json.loads(item.turns)) if item.turns else 0
+                chars[uri] = chars.get(uri, 0) + text
+            yield item
+
     lock = RunLock(opts.db)
     lock.acquire()
     try:
         async with Store.open(opts.db) as store:
             added, known = await store.ingest(
-                opts.jobs, read_jobs(opts.jobs, folder, default_uri), dry_run=True
+                opts.jobs, tally(read_jobs(opts.jobs, folder, default_uri)), dry_run=True
             )
     finally:
         lock.release()
@@ -246,7 +249,7 @@ async def dry_run(opts: RunOptions) -> dict[str, Any]:
                 os.remove(lock.path)
     tokens = {uri: round(n / CHARS_PER_TOKEN) for uri, n in chars.items()}
     return {
-        "jobs": count,
+        "jobs": sum(models.values()),
         "new": added,
         "known": known,
         "models": {pricing.model_name(u): n for u, n in models.items()},

@@ -401,14 +401,21 @@ class Store:
                 await db.execute("SELECT COALESCE(MAX(finish_seq), 0) FROM jobs")
             ).fetchone()
             seq = seq_row[0] if seq_row else 0
+            # one statement for the commonest outcome; a job's Submitted always precedes its
+            # other outcomes, so applying these first keeps every job's order
+            await db.executemany(
+                "UPDATE jobs SET state = 'running', operation_id = ?, submitted_at = ?, "
+                "next_at = ? WHERE rowid = ? AND state = 'submitting'",
+                [
+                    (u.operation_id, u.at, u.at, u.rowid)
+                    for u in updates
+                    if isinstance(u, Submitted)
+                ],
+            )
             for u in updates:
                 if isinstance(u, Submitted):
-                    await db.execute(
-                        "UPDATE jobs SET state = 'running', operation_id = ?, submitted_at = ?, "
-                        "next_at = ? WHERE rowid = ? AND state = 'submitting'",
-                        (u.operation_id, u.at, u.at, u.rowid),
-                    )
-                elif isinstance(u, Finished):
+                    continue
+                if isinstance(u, Finished):
                     cur = await db.execute(
                         "UPDATE jobs SET state = ?, finished_at = ?, finish_seq = ?, "
                         "polls = polls + ?, result = ?, error = ?, input_tokens = ?, "
