@@ -1,147 +1,187 @@
-"""The command line: options in, one ``anyio.run`` call, errors turned into exit codes.
+"""The command line: options in, one call to the Python API (``runner.Batch``), print.
 
-Each command parses its flags into the plain values ``commands`` takes and runs it; a
-``RunnerError`` from below becomes a ``click.ClickException`` carrying its exit code (2 bad
-usage or input, 1 some jobs failed, 3 the API refused the credentials, 130 interrupted).
+A ``RunnerError`` becomes one line on stderr and its exit code (2 bad usage or input, 1 some jobs
+failed, 3 credentials refused, 4 API unreachable past --max-outage, 5 cannot write, 130
+interrupted). ``-v`` shows runner's INFO lines, ``-vv`` its DEBUG lines, ``-vvv`` everyone's;
+they and ``-q`` work before or after the command.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import sys
-import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from functools import partial
+from typing import Any, ClassVar
 
-import anyio
 import click
 
-from runner import pricing, reports
+from runner import __version__, display, pricing
 from runner.errors import RunnerError
-from runner.jobs import State
 
-DB_OPTION = click.option(
-    "--db", default="runner.db", envvar="RUNNER_DB", show_default=True, help="SQLite state file."
-)
+ENV = "env: "
 
 
-PRICE_OPTION = click.option(
-    "--price", multiple=True, metavar="MODEL=PER_1K",
-    help="Override a model's price per 1,000 tokens (async), e.g. yandexgpt=0.6.",
-)  # fmt: skip
+def _fail(e: RunnerError) -> click.ClickException:
+    error = click.ClickException(str(e))
+    error.exit_code = e.exit_code  # type: ignore[misc]  # click reads it per instance
+    return error
 
 
-def _prices(overrides: tuple[str, ...]) -> dict[str, float]:
+def call(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    from runner.batch import blocking
+
     try:
-        return pricing.parse_prices(overrides)
+        return blocking(fn)
+    except RunnerError as e:
+        raise _fail(e) from None
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        text = str(value).strip().lower()
+        try:
+            return float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+        except ValueError:
+            self.fail(f"{value!r}: give seconds, or a number with s, m, h or d (e.g. 30m)")
+
+
+def verbosity(fn: Any) -> Any:
+    fn = click.option("-v", "--verbose", count=True, help="More log lines: -v info, -vv debug, -vvv all libraries.")(fn)  # fmt: skip
+    return click.option("-q", "--quiet", is_flag=True, help="Errors only, no progress.")(fn)
+
+
+def setup_logging(ctx: click.Context, verbose: int = 0, quiet: bool = False) -> tuple[int, bool]:
+    v, q = ctx.obj or (0, False)
+    v, q = max(v, verbose), q or quiet
+    ctx.obj = (v, q)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger().setLevel(logging.DEBUG if v >= 3 else logging.WARNING)
+    own = logging.ERROR if q else (logging.WARNING, logging.INFO, logging.DEBUG)[min(v, 2)]
+    logging.getLogger("runner").setLevel(own)
+    return v, q
+
+
+DB = click.option("--db", default="runner.db", show_default=True, envvar="RUNNER_DB",
+                  help=f"SQLite state file ({ENV}RUNNER_DB).")  # fmt: skip
+JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+PRICE = click.option("--price", multiple=True, metavar="MODEL=PER_1K",
+                     help="Override a model's price per 1,000 tokens (async), e.g. yandexgpt=0.6.")  # fmt: skip
+CONNECT = [
+    click.option("--emulator", is_flag=True, help="Run against the built-in emulator (no credentials needed)."),
+    click.option("--folder-id", help=f"Folder id ({ENV}YC_FOLDER_ID)."),
+    click.option("--llm-url", envvar="RUNNER_LLM_URL", help=f"Base URL of completion and tokenizer endpoints ({ENV}RUNNER_LLM_URL)."),
+    click.option("--operation-url", envvar="RUNNER_OPERATION_URL", help=f"Base URL of the operation service ({ENV}RUNNER_OPERATION_URL)."),
+    click.option("--iam-token-command", envvar="RUNNER_IAM_TOKEN_COMMAND", help=f'Command printing a fresh IAM token, e.g. "yc iam create-token" ({ENV}RUNNER_IAM_TOKEN_COMMAND).'),
+    click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds per HTTP request."),
+    click.option("--model", default="yandexgpt-lite", show_default=True, help="Model for jobs that name none: a name, or a gpt:// URI."),
+]  # fmt: skip
+
+
+def options(opts: list[Any]) -> Callable[[Any], Any]:
+    def apply(fn: Any) -> Any:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+def batch_of(ctx: click.Context, db: str, **kw: Any) -> Any:
+    """A ``Batch`` from the common options (the rest go through ``kw``)."""
+    from runner.batch import Batch
+
+    def pop(name: str, default: Any = None) -> Any:
+        return kw.pop(name, default)
+
+    try:
+        prices = pricing.parse_prices(pop("price", ()))
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    return Batch(db, model=pop("model", "yandexgpt-lite"), folder_id=pop("folder_id"),
+                 emulator=pop("emulator", False), llm_url=pop("llm_url"),
+                 operation_url=pop("operation_url"), iam_token_command=pop("iam_token_command"),
+                 request_timeout=pop("request_timeout", 60.0), prices=prices, **kw)  # fmt: skip
 
 
-class Failure(click.ClickException):
-    def __init__(self, error: RunnerError) -> None:
-        super().__init__(str(error))
-        self.exit_code = error.exit_code  # type: ignore[misc]  # click reads it per instance
+class Group(click.Group):
+    """Commands with heavy imports are loaded when named, so `runner status` stays quick."""
+
+    lazy: ClassVar[dict[str, str]] = {"emulator": "runner.emulator.cli"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            import importlib
+
+            command: click.Command = getattr(importlib.import_module(self.lazy[name]), name)
+            return command
+        return super().get_command(ctx, name)
 
 
-def _call(func: Any, *args: Any) -> Any:
-    try:
-        return anyio.run(func, *args)
-    except RunnerError as e:
-        raise Failure(e) from None
-    except BaseExceptionGroup as group:
-        # a task group wraps the worker's error; surface the first one we know how to report
-        first = group.subgroup(lambda e: isinstance(e, RunnerError))
-        if first is None:
-            raise
-        error = first.exceptions[0]
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-        raise Failure(error) from None
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="runner")
+@verbosity
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
-    """Run JSONL prompts through Yandex AI Studio's completionAsync API, resumably."""
+    """Run JSONL prompts through Yandex AI Studio's completionAsync API, resumably.
+
+    Credentials come from YC_API_KEY or YC_IAM_TOKEN, and YC_FOLDER_ID (see the README).
+    """
     ctx.obj = (verbose, quiet)
-    level = (
-        logging.ERROR
-        if quiet
-        else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + 1, 2)]
-    )
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+
+
+def dump(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False))
 
 
 @cli.command()
 @click.argument("jobs", required=False, type=click.Path(dir_okay=True))
-@DB_OPTION
-@click.option(
-    "-o", "--output", type=click.Path(dir_okay=False), help="Append results here (JSONL)."
-)
-@click.option(
-    "--model", default="yandexgpt-lite", show_default=True, help="Model name or gpt:// URI."
-)
-@click.option("--folder-id", help="Folder id (default: env YC_FOLDER_ID).")
-@click.option("--emulator", is_flag=True, help="Run against the built-in emulator.")
-@click.option("--llm-url", envvar="RUNNER_LLM_URL", help="Base URL for completion endpoints.")
-@click.option("--operation-url", envvar="RUNNER_OPERATION_URL", help="Base URL for operations.")
-@click.option("--submit-rps", default=10.0, show_default=True, type=click.FloatRange(min=0.01))
-@click.option("--submit-per-hour", default=5000, show_default=True, type=click.IntRange(min=1))
-@click.option("--poll-rps", default=50.0, show_default=True, type=click.FloatRange(min=0.01))
+@DB
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Results file (JSONL), kept equal to the database: one line per finished job, "
+              "completed on every run, a torn tail cut; a file runner did not write is refused.")
+@options(CONNECT)
+@click.option("--mode", type=click.Choice(["async", "sync"]), default="async", show_default=True,
+              help="async: completionAsync and polling, half price; sync: /completion.")
+@click.option("--submit-rps", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Submit quota: requests per second.")
+@click.option("--submit-per-hour", default=5000, show_default=True, type=click.IntRange(min=1),
+              help="Submit quota: requests per hour (async).")
+@click.option("--poll-rps", default=50.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Operation poll quota: requests per second.")
 @click.option("--quota-window", default=3600.0, hidden=True, type=click.FloatRange(min=0.1),
-              help="Seconds in the hourly quota's window (for compressed-time benchmarks).")  # fmt: skip
-@click.option("--mode", type=click.Choice(["async", "sync"]), default="async", show_default=True)
+              help="Seconds in the hourly quota's window (compressed-time benchmarks).")
 @click.option("--max-faults", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Transient errors before a job is failed.")  # fmt: skip
-@click.option("--op-deadline", default=24.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="Hours an operation may run before it is failed.")  # fmt: skip
-@click.option(
-    "--resubmit-stuck", is_flag=True, help="Resubmit operations past the deadline instead."
-)
-@click.option("--iam-token-command", envvar="RUNNER_IAM_TOKEN_COMMAND",
-              help='Command printing a fresh IAM token, e.g. "yc iam create-token".')  # fmt: skip
-@click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1))
+              help="A job's own transient errors before it fails (outages do not count).")
+@click.option("--max-resubmits", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Times a job is sent again after its operation expired or failed transiently.")
+@click.option("--op-deadline", default="24h", show_default=True, type=Duration(),
+              help="An operation still running after this long fails (or see --resubmit-stuck).")
+@click.option("--resubmit-stuck", is_flag=True, help="Resubmit operations past --op-deadline instead.")
+@click.option("--max-outage", type=Duration(),
+              help="Stop (exit 4) once the API has been unreachable this long (default: wait).")
 @click.option("--context-budget", default=32768, show_default=True, type=click.IntRange(min=1),
-              help="Tokens a chat turn may need; a longer conversation fails, not the API.")  # fmt: skip
-@click.option("--dry-run", is_flag=True, help="Validate, count and price the file; send nothing.")
-@PRICE_OPTION
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")
-@click.option("--progress-interval", default=None, type=click.FloatRange(min=0.1),
-              help="Seconds between progress updates (default: 1 on a terminal, 10 otherwise).")  # fmt: skip
+              help="Tokens a chat turn may need; a longer conversation stops before the API refuses it.")
+@click.option("--dry-run", is_flag=True, help="Validate, count and price JOBS; store and send nothing.")
+@click.option("--exact", is_flag=True, help="With --dry-run: count input tokens with the API's (free) tokenizer.")
+@PRICE
+@JSON
+@click.option("--progress-interval", type=click.FloatRange(min=0.1),
+              help="Seconds between progress updates (default: 1 on a terminal, 10 otherwise).")
+@verbosity
 @click.pass_context
-def run(
-    ctx: click.Context,
-    jobs: str | None,
-    db: str,
-    output: str | None,
-    model: str,
-    folder_id: str | None,
-    emulator: bool,
-    llm_url: str | None,
-    operation_url: str | None,
-    submit_rps: float,
-    submit_per_hour: int,
-    poll_rps: float,
-    quota_window: float,
-    mode: str,
-    max_faults: int,
-    op_deadline: float,
-    resubmit_stuck: bool,
-    iam_token_command: str | None,
-    request_timeout: float,
-    context_budget: int,
-    dry_run: bool,
-    price: tuple[str, ...],
-    as_json: bool,
-    progress_interval: float | None,
-) -> None:
+def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dry_run: bool,
+        exact: bool, as_json: bool, progress_interval: float | None, verbose: int, quiet: bool,
+        **kw: Any) -> None:  # fmt: skip
     """Add JOBS (if given) to the database, then submit and poll until every job is finished.
 
     \b
@@ -149,266 +189,233 @@ def run(
       runner run jobs.example.jsonl --emulator -o out.jsonl
       runner run -o out.jsonl          # resume what runner.db holds
     """
-    from runner import commands  # the HTTP stack is imported only by commands that use it
-    from runner.scheduler import Settings
+    from runner.batch import Quotas
+    from runner.progress import render
 
-    settings = Settings(
-        submit_rps=submit_rps, submit_per_hour=submit_per_hour, poll_rps=poll_rps, mode=mode,
-        quota_window=quota_window, context_budget=context_budget,
-        max_faults=max_faults, op_deadline=op_deadline * 3600, resubmit_stuck=resubmit_stuck,
-        output=output,
-    )  # fmt: skip
-    verbose, quiet = ctx.obj
-    tty = sys.stderr.isatty() and not verbose
-    opts = commands.RunOptions(
-        jobs=jobs, db=db, output=output, model=model, folder_id=folder_id, emulator=emulator,
-        llm_url=llm_url, operation_url=operation_url, iam_token_command=iam_token_command,
-        request_timeout=request_timeout, settings=settings, prices=_prices(price),
-        progress="off" if quiet else ("tty" if tty else "plain"),
-        progress_interval=progress_interval or (1.0 if tty else 10.0),
-    )  # fmt: skip
+    v, q = setup_logging(ctx, verbose, quiet)
+    quotas = Quotas(kw.pop("submit_rps"), kw.pop("submit_per_hour"), kw.pop("poll_rps"),
+                    hour=kw.pop("quota_window"))  # fmt: skip
+    tty = sys.stderr.isatty() and not v
+    live: Any = None
+
+    def show(snap: Any) -> None:
+        if live is not None:
+            live.update(render(snap))
+        else:
+            click.echo(f"{__import__('time').strftime('%H:%M:%S')} progress: {snap.line()}", err=True)
+
+    batch = batch_of(ctx, db, quotas=quotas, progress=None if q else show,
+                     progress_interval=progress_interval or (1.0 if tty else 10.0), **kw)  # fmt: skip
+    batch.handle_signals = True
+
+    async def go() -> Any:
+        nonlocal live
+        async with batch:
+            if dry_run:
+                if not jobs:
+                    raise click.UsageError("--dry-run needs a JOBS file")
+                return await batch.plan(jobs, exact=exact)
+            if jobs:
+                batch.credentials()  # missing credentials: say so before storing anything
+            added = await batch.add(jobs) if jobs else None
+            if tty and not q:
+                from rich.console import Console
+                from rich.live import Live
+
+                live = Live(console=Console(stderr=True), refresh_per_second=2)
+                live.start()
+            try:
+                report = await batch.run(output=output)
+            finally:
+                if live is not None:
+                    live.stop()
+            return added, report
+
+    result = call(go)
     if dry_run:
-        plan = _call(commands.dry_run, opts)
-        if as_json:
-            click.echo(json.dumps(plan, ensure_ascii=False))
-            return
-        models = ", ".join(f"{m} x{n}" for m, n in plan["models"].items())
-        cost = plan["cost"]
-        click.echo(
-            f"{plan['jobs']} jobs ({plan['new']} new, {plan['known']} already in {db}); models: {models}"
-        )
-        click.echo(
-            f"about {plan['estimatedInputTokens']} input tokens, ~{cost['total']:.2f} "
-            f"{cost['currency']} for the prompts (estimate; answers cost extra). Nothing was sent."
-        )
-        return
-    report = _call(commands.run, opts)
-    c = report.counts
-    click.echo(
-        f"{c['done']} done, {c['failed']} failed, {c['cancelled']} cancelled, "
-        f"{c['pending'] + c['running'] + c['submitting']} unfinished "
-        f"({report.added} new jobs; {report.stats.submitted} submits, {report.stats.polls} polls, "
-        f"{report.stats.recovered} ambiguous submits resent)",
-        err=True,
-    )
-    if report.stats.interrupted:
+        return dump(result) if as_json else click.echo(display.plan(result, db))
+    added, report = result
+    click.echo(display.summary(report.counts, report.this_run, added.added if added else 0, db), err=True)
+    if report.interrupted:
         click.echo("interrupted: state is saved; run the same command to resume", err=True)
     sys.exit(report.exit_code)
 
 
+def reader(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Common plumbing of the commands that only read: --db, -v/-q."""
+    wrapped: Callable[..., Any] = DB(verbosity(click.pass_context(fn)))
+    return wrapped
+
+
 @cli.command()
-@DB_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@JSON
 @click.option("--watch", is_flag=True, help="Refresh every 2 seconds until Ctrl-C.")
-@PRICE_OPTION
-def status(db: str, as_json: bool, watch: bool, price: tuple[str, ...]) -> None:
-    """Counts per state, tokens, estimated cost, retries and the commonest errors.
+@PRICE
+@reader
+def status(ctx: click.Context, /, db: str, as_json: bool, watch: bool, price: tuple[str, ...],
+           verbose: int, quiet: bool) -> None:  # fmt: skip
+    """Counts per state, tokens, estimated cost, retries, outages and the commonest errors.
 
     \b
     Example:
       runner status
       runner status --json | jq .cost
     """
-    prices = _prices(price)
+    import time
+
+    setup_logging(ctx, verbose, quiet)
     while True:
-        data = _call(reports.status, db, prices)
+        batch = batch_of(ctx, db, price=price)
+        data = call(partial(_with, batch, batch.status))
         if watch and not as_json:
             click.clear()
-        click.echo(json.dumps(data, ensure_ascii=False) if as_json else format_status(data))
+        dump(data) if as_json else click.echo(display.status(data))
         if not watch:
             return
         time.sleep(2)
 
 
-def format_status(data: dict[str, Any]) -> str:
-    states = ("pending", "submitting", "running", "done", "failed", "cancelled")
-    u, cost = data["usage"], data["cost"]
-    lines = [
-        f"jobs      {data['total']}: " + ", ".join(f"{s} {data[s]}" for s in states),
-        f"tokens    input {u['inputTextTokens']}, completion {u['completionTokens']}, "
-        f"reasoning {u['reasoningTokens']}, total {u['totalTokens']}",
-        f"cost      ~{cost['total']:.2f} {cost['currency']} (estimate"
-        + (f"; no price for {', '.join(cost['unpriced'])}" if cost["unpriced"] else "")
-        + ")",
-        f"submits   {data['submits']} (ambiguous {data['ambiguousSubmits']}, resubmitted after "
-        f"expiry {data['resubmits']}, transient errors retried {data['retries']})",
-    ]
-    if data["oldestRunningAgeSeconds"] is not None:
-        lines.append(f"oldest running operation: {data['oldestRunningAgeSeconds']:.0f} s")
-    if data["topErrors"]:
-        lines.append("top errors:")
-        lines += [
-            f"  {e['count']:>6} x code {e['code']}: {e['message']}" for e in data["topErrors"]
-        ]
-        lines.append(
-            "  (runner retry moves failed jobs back to pending; runner jobs --status failed lists them)"
-        )
-    return "\n".join(lines)
+async def _with(batch: Any, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+    async with batch:
+        return await fn(*args)
 
 
 @cli.command()
-@DB_OPTION
-@click.option("--status", "state", type=click.Choice([s.value for s in State]))
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def jobs(db: str, state: str | None, limit: int, as_json: bool) -> None:
+@click.option("--status", "state", type=click.Choice(["pending", "submitting", "running", "done", "failed", "cancelled"]),
+              help="Only jobs in this state.")  # fmt: skip
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1), help="Rows to show.")
+@JSON
+@reader
+def jobs(ctx: click.Context, /, db: str, state: str | None, limit: int, as_json: bool, verbose: int,
+         quiet: bool) -> None:  # fmt: skip
     """List jobs with their state, attempts, operation id and last error.
 
     \b
     Example:
       runner jobs --status failed --limit 20
     """
-    rows = _call(reports.jobs, db, state, limit)
-    if as_json:
-        click.echo(json.dumps(rows, ensure_ascii=False))
-        return
-    for r in rows:
-        error = r["lastError"]
-        detail = f"  error {error['code']}: {error['message']}" if error else ""
-        turn = f"  turn {r['turn']}" if "turn" in r else ""
-        click.echo(
-            f"{r['id']}\t{r['state']}\tattempts {r['attempts']}\t{r['operationId'] or '-'}{turn}{detail}"
-        )
+    setup_logging(ctx, verbose, quiet)
+    batch = batch_of(ctx, db)
+    rows, total = call(lambda: _with(batch, batch.jobs, state, limit))
+    dump({"jobs": rows, "total": total}) if as_json else click.echo(display.jobs(rows, total))
 
 
 @cli.command()
-@DB_OPTION
-@click.option("--status", "states", multiple=True, type=click.Choice(["failed", "cancelled"]),
-              default=["failed"], show_default=True)  # fmt: skip
-@click.option("--error-code", type=int, help="Only jobs that failed with this gRPC code.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def retry(db: str, states: tuple[str, ...], error_code: int | None, as_json: bool) -> None:
-    """Move finished jobs back to pending (their outcome is kept in history); rerun to resend.
+@click.argument("job_id")
+@JSON
+@reader
+def show(ctx: click.Context, /, db: str, job_id: str, as_json: bool, verbose: int, quiet: bool) -> None:
+    """One job in full: request, answer, usage, and every attempt.
 
     \b
     Example:
-      runner retry --error-code 13 && runner run -o results.jsonl
+      runner show q1
     """
-    from runner import commands
-
-    moved = _call(commands.retry, db, tuple(states), error_code)
-    if as_json:
-        click.echo(json.dumps({"moved": moved}))
-    else:
-        click.echo(f"{moved} jobs moved back to pending; run `runner run` to submit them again")
+    setup_logging(ctx, verbose, quiet)
+    batch = batch_of(ctx, db)
+    data = call(lambda: _with(batch, batch.show, job_id))
+    if data is None:
+        raise _fail(__import__("runner.errors", fromlist=["UsageError"]).UsageError(
+            f"no job {job_id!r} in {db}"))  # fmt: skip
+    dump(data) if as_json else click.echo(display.show(data))
 
 
 @cli.command()
-@DB_OPTION
-@click.option("--pending-only", is_flag=True, help="Leave running operations alone.")
-@click.option("--emulator", is_flag=True, help="Talk to the built-in emulator.")
-@click.option("--folder-id", help="Folder id (default: env YC_FOLDER_ID).")
-@click.option("--llm-url", envvar="RUNNER_LLM_URL")
-@click.option("--operation-url", envvar="RUNNER_OPERATION_URL")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def cancel(db: str, pending_only: bool, emulator: bool, folder_id: str | None, llm_url: str | None,
-           operation_url: str | None, as_json: bool) -> None:  # fmt: skip
-    """Stop a batch: pending jobs are cancelled; running operations are cancelled on the
-    server where it allows (best effort), otherwise left to finish and recorded by a later run.
-
-    \b
-    Example:
-      runner cancel --pending-only
-    """
-    from runner import commands
-
-    opts = commands.RunOptions(db=db, emulator=emulator, folder_id=folder_id, llm_url=llm_url,
-                               operation_url=operation_url)  # fmt: skip
-    report = _call(commands.cancel, opts, pending_only)
-    if as_json:
-        click.echo(json.dumps(report))
-        return
-    click.echo(
-        f"{report['cancelledPending']} pending jobs cancelled, {report['cancelledRunning']} running "
-        f"operations cancelled, {report['leftRunning']} left running (a later `runner run` records them)"
-    )
-
-
-@cli.command()
-@DB_OPTION
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="File (default: stdout).")
-@click.option(
-    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
-)
-@click.option("--status", "state", type=click.Choice(["done", "failed", "cancelled"]))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="File (default: stdout); written whole through a temporary file.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+              help="Output format.")  # fmt: skip
+@click.option("--status", "state", type=click.Choice(["done", "failed", "cancelled"]), help="Only these.")
 @click.option("--include-request", is_flag=True, help="Add the request body sent for each job.")
-def results(
-    db: str, output: str | None, fmt: str, state: str | None, include_request: bool
-) -> None:
+@reader
+def results(ctx: click.Context, /, db: str, output: str | None, fmt: str, state: str | None,
+            include_request: bool, verbose: int, quiet: bool) -> None:  # fmt: skip
     """Export finished jobs from the database.
 
     \b
     Example:
       runner results -o results.csv --format csv --status done
     """
-    if output is None:
-        _call(reports.results, db, sys.stdout, fmt, state, include_request)
+    from runner import output as out
+
+    setup_logging(ctx, verbose, quiet)
+    batch = batch_of(ctx, db)
+    if output is not None:
+        n = call(lambda: _with(batch, batch.export, output, fmt, state, include_request))
+        click.echo(f"{n} results written to {output}", err=True)
         return
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        n = _call(reports.results, db, f, fmt, state, include_request)
-    click.echo(f"{n} results written to {output}", err=True)
+
+    async def lines() -> str:
+        async with batch:
+            db_ = await batch._open(write=False)
+            states = (state,) if state else ("done", "failed", "cancelled")
+            found = [line async for _, line in out.lines_since(db_, 0, states, include_request)]
+            return out.render(found, fmt, include_request)
+
+    click.echo(call(lines), nl=False)
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
-@click.option("--latency", default="0.05:0.2", show_default=True, help="MIN:MAX seconds, uniform.")
-@click.option("--lognormal", help="MEDIAN:SIGMA: log-normal latency instead of uniform.")
-@click.option("--submit-rps", type=float, help="Enforce this submit quota (429 beyond).")
-@click.option("--submit-per-hour", type=int, help="Enforce this hourly submit quota.")
-@click.option("--hour-seconds", default=3600.0, hidden=True, help="Length of the quota 'hour'.")
-@click.option("--poll-rps", type=float, help="Enforce this poll quota.")
-@click.option("--retry-after", type=float, help="Send Retry-After (seconds) with 429s.")
-@click.option("--fault", "faults", multiple=True, help="ENDPOINT:FAULT=RATE, e.g. submit:503=0.1.")
-@click.option("--op-error-rate", default=0.0, type=float, help="Share of operations that fail.")
-@click.option("--expire-after", type=float, help="Seconds after finishing that operations 404.")
-@click.option(
-    "--reject-token", "reject_tokens", multiple=True, help="Answer this bearer token with 401."
-)
-@click.option("--dedupe", is_flag=True, help="Honour Idempotency-Key (one operation per key).")
-@click.option("--seed", type=int, help="Random seed for reproducible runs.")
-def emulator(
-    host: str,
-    port: int,
-    latency: str,
-    lognormal: str | None,
-    submit_rps: float | None,
-    submit_per_hour: int | None,
-    hour_seconds: float,
-    poll_rps: float | None,
-    retry_after: float | None,
-    faults: tuple[str, ...],
-    op_error_rate: float,
-    expire_after: float | None,
-    reject_tokens: tuple[str, ...],
-    dedupe: bool,
-    seed: int | None,
-) -> None:
-    """Serve the built-in emulator of the API (for trials, tests and benchmarks).
+@click.option("--status", "states", multiple=True, type=click.Choice(["failed", "cancelled"]),
+              default=["failed"], show_default=True, help="Which finished jobs to send again.")
+@click.option("--error-code", type=int, help="Only jobs that failed with this gRPC code.")
+@JSON
+@reader
+def retry(ctx: click.Context, /, db: str, states: tuple[str, ...], error_code: int | None,
+          as_json: bool, verbose: int, quiet: bool) -> None:  # fmt: skip
+    """Move finished jobs back to pending (their outcome is kept in history); rerun to resend.
 
     \b
     Example:
-      runner emulator --port 8080 --latency 0.5:3 &
-      RUNNER_LLM_URL=http://127.0.0.1:8080 RUNNER_OPERATION_URL=http://127.0.0.1:8080 \\
-        YC_API_KEY=x YC_FOLDER_ID=f runner run jobs.example.jsonl
+      runner retry --error-code 13 && runner run -o results.jsonl
     """
-    from runner import commands
-    from runner import emulator as emu
+    setup_logging(ctx, verbose, quiet)
+    batch = batch_of(ctx, db)
+    moved = call(lambda: _with(batch, batch.retry, tuple(states), error_code))
+    dump({"moved": moved}) if as_json else click.echo(
+        f"{moved} jobs moved back to pending; run `runner run` to submit them again")
 
-    try:
-        config = emu.Config(
-            latency=emu.parse_latency(latency),
-            lognormal=emu.parse_lognormal(lognormal) if lognormal else None,
-            submit_rps=submit_rps, submit_per_hour=submit_per_hour, poll_rps=poll_rps,
-            hour_seconds=hour_seconds, retry_after=retry_after, faults=dict(emu.parse_fault(f) for f in faults),
-            op_error_rate=op_error_rate, expire_after=expire_after, seed=seed,
-            reject_tokens=frozenset(reject_tokens), dedupe=dedupe,
-        )  # fmt: skip
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    with contextlib.suppress(KeyboardInterrupt):
-        _call(commands.emulator, host, port, config)
+
+@cli.command()
+@click.option("--pending-only", is_flag=True, help="Leave running operations alone.")
+@options(CONNECT)
+@JSON
+@reader
+def cancel(ctx: click.Context, /, db: str, pending_only: bool, as_json: bool, verbose: int,
+           quiet: bool, **kw: Any) -> None:  # fmt: skip
+    """Stop a batch: pending jobs are cancelled; running operations are cancelled on the server
+    where it allows; finished ones are recorded with their answers; the rest are left running
+    for a later `runner run` to collect.
+
+    \b
+    Example:
+      runner cancel --pending-only
+    """
+    setup_logging(ctx, verbose, quiet)
+    batch = batch_of(ctx, db, **kw)
+    report = call(lambda: _with(batch, batch.cancel, pending_only))
+    dump(report) if as_json else click.echo(
+        f"{report['cancelledPending']} pending jobs cancelled; running operations: "
+        f"{report['cancelledRunning']} cancelled, {report['finishedRunning']} had finished and "
+        f"were recorded, {report['leftRunning']} left running (a later `runner run` collects them)")
+
+
+@cli.command()
+@options(CONNECT)
+@JSON
+@reader
+def check(ctx: click.Context, /, db: str, as_json: bool, verbose: int, quiet: bool, **kw: Any) -> None:
+    """Check credentials, folder, role and model with one free tokenizer request.
+
+    \b
+    Example:
+      YC_API_KEY=... YC_FOLDER_ID=b1g... runner check
+    """
+    setup_logging(ctx, verbose, quiet)
+    batch = batch_of(ctx, db, **kw)
+    report = call(lambda: _with(batch, batch.check))
+    dump(report) if as_json else click.echo(("OK: " if report["ok"] else "NOT OK: ") + report["message"])
+    sys.exit(0 if report["ok"] else 3)
 
 
 def main() -> None:

@@ -2,9 +2,11 @@
 
 Three shapes are accepted (a ``prompt`` with optional ``system``; a ``messages`` list; a raw API
 request body), each with optional overrides (``model``/``modelUri``, ``completionOptions``,
-``jsonObject``, ``jsonSchema``, ``tools`` ...). Every line is normalised into the exact body the
-API receives, serialised canonically (sorted keys, compact), so "same job" means "same bytes"
-and a rerun with an unchanged file is recognised line by line.
+``jsonObject``, ``jsonSchema``, ``tools`` ...). Every line is normalised into the body the API
+receives, serialised canonically (sorted keys, compact), so "same job" means "same bytes" and a
+rerun with an unchanged file is recognised line by line. A short model name is stored without a
+folder (``yandexgpt-lite/latest``) and expanded to ``gpt://<folder>/...`` only when sent
+(``expand``): the folder is where a job runs, not part of what the job is.
 
 The file is read as bytes, one bounded line at a time, so a million-line file or a 10 MB line
 costs no more memory than a short one; problems are yielded, not raised, so the caller can
@@ -53,15 +55,44 @@ class _Bad(ValueError):
         self.message = message
 
 
-def model_uri(model: str, folder_id: str) -> str:
-    """Expand a short model name (``yandexgpt-lite``, ``yandexgpt/rc``) into a ``gpt://`` URI."""
+def model_ref(model: str) -> str:
+    """A model as stored: a full ``gpt://`` URI as given, or a short name with its version
+    (``yandexgpt-lite`` -> ``yandexgpt-lite/latest``) and no folder."""
     if "://" in model:
         if not model.startswith(MODEL_SCHEMES):
             raise _Bad("model", f"unknown model URI scheme in {model!r}; expected gpt:// or ds://")
         return model
-    if not model or model.strip() != model:
+    if not model or model.strip() != model or model.startswith("/"):
         raise _Bad("model", f"invalid model name {model!r}")
-    return f"gpt://{folder_id}/{model}" + ("" if "/" in model else "/latest")
+    return model if "/" in model else f"{model}/latest"
+
+
+def model_uri(ref: str, folder_id: str) -> str:
+    """The URI the API receives for a stored model reference."""
+    return ref if "://" in ref else f"gpt://{folder_id}/{ref}"
+
+
+def expand(body: str, folder_id: str) -> str:
+    """The request to send for a stored body: its short model name gets the folder."""
+    data = json.loads(body)
+    ref = data.get("modelUri", "")
+    if "://" in ref:
+        return body
+    data["modelUri"] = model_uri(ref, folder_id)
+    return canonical(data)
+
+
+def model_free(body: str) -> str:
+    """A stored body with the folder left out of its model URI: what identifies a job.
+
+    Databases written before short names were stored folder-free hold ``gpt://<folder>/...``
+    for them; comparing without the folder makes a rerun from another folder the same job.
+    """
+    data = json.loads(body)
+    ref = data.get("modelUri", "")
+    if ref.startswith("gpt://"):
+        data["modelUri"] = ref.split("/", 3)[3] if ref.count("/") >= 3 else ref
+    return canonical(data)
 
 
 # one encoder for every line: json.dumps with options builds a new one per call
@@ -83,7 +114,7 @@ def open_jobs_file(path: str) -> IO[bytes]:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def read_jobs(path: str, folder_id: str, default_uri: str) -> Iterator[Spec | Problem]:
+def read_jobs(path: str, default_model: str) -> Iterator[Spec | Problem]:
     """Yield a ``Spec`` per job line and a ``Problem`` per bad line, in file order."""
     with open_jobs_file(path) as f:
         for number, raw in _lines(f):
@@ -106,17 +137,25 @@ def read_jobs(path: str, folder_id: str, default_uri: str) -> Iterator[Spec | Pr
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 hint = " (truncated line?)" if not raw.endswith(b"\n") else ""
+                what = e.msg.removesuffix(" at")
                 yield Problem(
-                    path, number, "", f"not valid JSON at column {e.colno}: {e.msg}{hint}"
-                )
+                    path, number, "",
+                    f"not valid JSON: {what} at line {number}, column {e.colno}{hint}",
+                )  # fmt: skip
                 continue
-            try:
-                job_id, body = parse_job(obj, number, folder_id, default_uri)
-            except _Bad as e:
-                yield Problem(path, number, e.field, e.message)
-                continue
-            turns = obj.get("turns")
-            yield Spec(number, job_id, canonical(body), canonical(turns) if turns else None)
+            yield spec_of(obj, number, path, default_model)
+
+
+def spec_of(obj: Any, number: int, where: str, default_model: str) -> Spec | Problem:
+    """One decoded job (a line's object, or an item of a Python list) as a Spec or a Problem."""
+    if isinstance(obj, str):  # the Python API takes plain strings as prompts
+        obj = {"prompt": obj}
+    try:
+        job_id, body = parse_job(obj, number, default_model)
+    except _Bad as e:
+        return Problem(where, number, e.field, e.message)
+    turns = obj.get("turns")
+    return Spec(number, job_id, canonical(body), canonical(turns) if turns else None)
 
 
 def _lines(f: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
@@ -135,7 +174,7 @@ def _lines(f: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
             yield number, raw
 
 
-def parse_job(obj: Any, line: int, folder_id: str, default_uri: str) -> tuple[str, dict[str, Any]]:
+def parse_job(obj: Any, line: int, default_model: str) -> tuple[str, dict[str, Any]]:
     """Validate one decoded line and build the request body; raises ``_Bad`` on the first fault."""
     if not isinstance(obj, dict):
         raise _Bad("", f"expected a JSON object, got {type(obj).__name__}")
@@ -182,13 +221,13 @@ def parse_job(obj: Any, line: int, folder_id: str, default_uri: str) -> tuple[st
         uri_value = obj["modelUri"]
         if not isinstance(uri_value, str) or "://" not in uri_value:
             raise _Bad("modelUri", "must be a string like gpt://<folder>/<model>/latest")
-        uri = model_uri(uri_value, "")
+        uri = model_ref(uri_value)
     elif "model" in obj:
         if not isinstance(obj["model"], str):
             raise _Bad("model", "must be a string")
-        uri = model_uri(obj["model"], folder_id)
+        uri = model_ref(obj["model"])
     else:
-        uri = default_uri
+        uri = model_ref(default_model)
 
     body: dict[str, Any] = {
         "modelUri": uri,

@@ -1,31 +1,61 @@
-"""Estimated cost: one small price table, overridable, always labelled an estimate.
+"""Models runner knows about, and estimated cost: always labelled an estimate.
 
-Prices are per 1,000 tokens (prompt and completion billed alike) for asynchronous mode, in
-roubles, as published in Yandex AI Studio's price list in 2025; synchronous mode costs twice
-as much. They change: check the current list and override with ``--price MODEL=PER_1K``. A
-model missing from the table is reported without a cost rather than guessed.
+Prices are roubles per 1,000 tokens (prompt and completion alike) in asynchronous mode, from
+Yandex AI Studio's 2025 price list; synchronous mode costs twice as much. They change and could
+not be checked from the machines runner was built on: override them with ``--price MODEL=PER_1K``.
+A model without a price (Alice AI LLM prices input and output differently) is reported as
+unpriced, never guessed.
+
+The model list only informs warnings: the server decides what exists. Asynchronous mode exists
+only for Yandex's own models, so an open-weight name in async mode is warned about before
+anything is sent.
 """
 
 from __future__ import annotations
 
-CURRENCY = "RUB"
+from dataclasses import dataclass
 
-ASYNC_PRICE_PER_1K: dict[str, float] = {
-    "yandexgpt-lite": 0.10,
-    "yandexgpt": 0.60,
-    "yandexgpt-32k": 0.60,
-    "llama-lite": 0.10,
-    "llama": 0.60,
-}
+CURRENCY = "RUB"
 SYNC_FACTOR = 2.0
 
 
+@dataclass(frozen=True)
+class Model:
+    yandex: bool  # Yandex's own model: async mode exists for it
+    price: float | None  # async, per 1,000 tokens
+
+
+MODELS = {
+    "yandexgpt-lite": Model(True, 0.10),
+    "yandexgpt": Model(True, 0.60),
+    "yandexgpt-32k": Model(True, 0.60),
+    "aliceai-llm": Model(True, None),
+    "llama-lite": Model(False, 0.10),
+    "llama": Model(False, 0.60),
+}
+ASYNC_PRICE_PER_1K: dict[str, float] = {
+    name: m.price for name, m in MODELS.items() if m.price is not None
+}
+
+
 def model_name(uri: str) -> str:
-    """``gpt://<folder>/yandexgpt-lite/latest`` -> ``yandexgpt-lite``; a name stays a name."""
-    if "://" not in uri:
-        return uri
-    parts = uri.split("://", 1)[1].split("/")
-    return parts[1].split("@")[0] if len(parts) > 1 else parts[0]
+    """``gpt://<folder>/yandexgpt-lite/latest`` or ``yandexgpt-lite/latest`` -> ``yandexgpt-lite``."""
+    path = uri.split("://", 1)[1].split("/", 1)[-1] if "://" in uri else uri
+    return path.split("/")[0].split("@")[0]
+
+
+def warnings(uris: set[str], mode: str) -> list[str]:
+    """What to tell a user about the models a batch names, before anything is sent."""
+    said = []
+    for name in sorted({model_name(u) for u in uris}):
+        known = MODELS.get(name)
+        if known is None:
+            said.append(f"model {name!r} is not one runner knows ({', '.join(MODELS)}); the "
+                        "server decides whether it exists, and its cost is not estimated")  # fmt: skip
+        elif mode == "async" and not known.yandex:
+            said.append(f"model {name!r} is an open-weight model: asynchronous mode exists only "
+                        "for Yandex's own models; use --mode sync, or expect the API to refuse it")  # fmt: skip
+    return said
 
 
 def parse_prices(overrides: tuple[str, ...] | list[str]) -> dict[str, float]:

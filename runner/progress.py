@@ -1,28 +1,28 @@
 """Live progress of a run: where the batch stands, how fast, what it costs, when it ends.
 
-A ``Snapshot`` is built from what the scheduler already keeps in memory plus two O(1) reads
-(the totals and per-model usage rows), so taking one every second costs nothing measurable.
-On a terminal it is drawn with rich on stderr and redrawn in place; elsewhere (CI, pipes,
-``-v``) it is a plain line every ``interval`` seconds; ``-q`` turns it off.
+A ``Snapshot`` is built from what the scheduler keeps in memory plus two O(1) reads (the totals
+and per-model usage rows), so taking one every second costs nothing measurable. The Python API
+hands snapshots to a callback (none by default); the CLI draws them with rich on a terminal or
+prints a plain line every ``interval`` seconds elsewhere.
 
-The ETA is the quota's bound, not a guess from the recent rate: the submit pacer's horizon
-for the jobs not yet submitted (per second and per rolling hour), plus the completion latency
-the poller has learned (its first-poll quantile) for the last of them.
+The ETA is the quota's bound, not a guess from the recent rate: the submit pacer's horizon for
+the jobs not yet submitted, plus the completion latency the poller has learned. While the API
+is unreachable the ETA means nothing, and the line says so instead: "API unreachable since
+03:12 (HTTP 503), next try in 40 s".
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import click
 
 from runner import pricing
 
 if TYPE_CHECKING:
-    from runner.scheduler import Scheduler
+    from runner.scheduler import Outage, Scheduler
 
 
 def duration(seconds: float) -> str:
@@ -30,6 +30,12 @@ def duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def outage_text(family: str, since: float, error: str, next_try_in: float) -> str:
+    when = time.strftime("%H:%M", time.localtime(since))
+    return (f"API unreachable since {when} ({error}; {family} requests), next try in "
+            f"{duration(next_try_in)}")  # fmt: skip
 
 
 @dataclass
@@ -45,70 +51,50 @@ class Snapshot:
     tokens: int
     cost: dict[str, Any]
     eta: float
+    outages: list[Outage] = field(default_factory=list)
+    storage: str | None = None  # the database cannot be written just now
+
+    @property
+    def state(self) -> str:
+        if self.storage:
+            return f"cannot write the database ({self.storage}); retrying"
+        if self.outages:
+            o = self.outages[0]
+            return outage_text(o.family, o.since, o.error, o.next_try_in)
+        return f"ETA {duration(self.eta)}"
 
     def line(self) -> str:
         cost = f"~{self.cost['total']:.2f} {self.cost['currency']} (estimate)"
         return (
-            f"done {self.done}, failed {self.failed}, running {self.running}, pending {self.pending} | "
-            f"submits {self.submit_rate:.1f}/{self.submit_limit:g} per s, polls "
-            f"{self.poll_rate:.1f}/{self.poll_limit:g} per s | tokens {self.tokens}, cost {cost} | "
-            f"ETA {duration(self.eta)}"
+            f"done {self.done}, failed {self.failed}, running {self.running}, pending "
+            f"{self.pending} | submits {self.submit_rate:.1f}/{self.submit_limit:g} per s, polls "
+            f"{self.poll_rate:.1f}/{self.poll_limit:g} per s | tokens {self.tokens}, cost {cost} "
+            f"| {self.state}"
         )
 
 
-class Progress:
-    def __init__(
-        self, scheduler: Scheduler, prices: dict[str, float], mode: str, interval: float
-    ) -> None:
-        self.scheduler = scheduler
-        self.prices = prices
-        self.mode = mode  # "tty" | "plain" | "off"
-        self.interval = interval
-        self._last = (time.monotonic(), 0, 0)
-
-    async def snapshot(self) -> Snapshot:
-        sch = self.scheduler
-        s = sch.s
-        store = sch.store
-        totals = await store.totals()
-        usage = await store.usage_by_model()
-        now = time.monotonic()
-        then, submits, polls = self._last
-        span = max(1e-6, now - then)
-        rates = ((sch.stats.submitted - submits) / span, (sch.stats.polls - polls) / span)
-        self._last = (now, sch.stats.submitted, sch.stats.polls)
-        running = sch.tracked
-        done = sch.base["done"] + sch.stats.finished - sch.stats.failed
-        failed = sch.base["failed"] + sch.stats.failed
-        pending = max(0, sch.total - done - failed - sch.base["cancelled"] - running)
-        to_submit = sch.submit_pacer.horizon(pending)
-        latency = sch.policy.first if (pending or running) else 0.0
-        return Snapshot(
-            done, failed, running, pending, rates[0], rates[1], s.submit_rps, s.poll_rps,
-            totals["totalTokens"], pricing.estimate(usage, self.prices, s.mode),
-            to_submit + latency,
-        )  # fmt: skip
-
-    async def run(self) -> None:
-        if self.mode == "off":
-            return
-        if self.mode == "plain":
-            while True:
-                await anyio.sleep(self.interval)
-                snap = await self.snapshot()
-                click.echo(f"{time.strftime('%H:%M:%S')} progress: {snap.line()}", err=True)
-        from rich.console import Console
-        from rich.live import Live
-
-        console = Console(stderr=True)
-        with Live(console=console, refresh_per_second=2, transient=False) as live:
-            try:
-                while True:
-                    live.update(render(await self.snapshot()))
-                    await anyio.sleep(self.interval)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    live.update(render(await self.snapshot()))
+async def snapshot(sch: Scheduler, base: dict[str, int], prices: dict[str, float]) -> Snapshot:
+    db = sch.queue.db
+    tokens = int(await db.value("SELECT total_tokens FROM totals") or 0)
+    usage = {str(m): int(t) for m, t in await db.rows("SELECT model, total_tokens FROM usage_by_model")}
+    now = time.monotonic()
+    started = now - (anyio.current_time() - sch._t0)  # rates over the run until a first mark
+    then, submits, polls = getattr(sch, "_progress_mark", (started, 0, 0))
+    span = max(1e-6, now - then)
+    sch._progress_mark = (now, sch.stats.submitted, sch.stats.polls)  # type: ignore[attr-defined]
+    running = sch.tracked
+    failed = base["failed"] + sch.stats.failed
+    done = base["done"] + sch.stats.finished - sch.stats.failed
+    total = sum(base.values())
+    pending = max(0, total - done - failed - base["cancelled"] - running)
+    latency = sch.policy.first if (pending or running) else 0.0
+    s = sch.s
+    return Snapshot(
+        done, failed, running, pending, (sch.stats.submitted - submits) / span,
+        (sch.stats.polls - polls) / span, s.submit_rps, s.poll_rps, tokens,
+        pricing.estimate(usage, prices, s.mode), sch.submit_pacer.horizon(pending) + latency,
+        sch.outages(), sch.writer.trouble,
+    )  # fmt: skip
 
 
 def render(snap: Snapshot) -> Any:
@@ -117,9 +103,8 @@ def render(snap: Snapshot) -> Any:
     table = Table.grid(padding=(0, 2))
     total = snap.done + snap.failed + snap.running + snap.pending
     share = (snap.done + snap.failed) / total if total else 1.0
-    bar_width = 30
-    filled = int(share * bar_width)
-    table.add_row("[bold]runner[/]", "█" * filled + "░" * (bar_width - filled), f"{share:6.1%}")
+    filled = int(share * 30)
+    table.add_row("[bold]runner[/]", "█" * filled + "░" * (30 - filled), f"{share:6.1%}")
     table.add_row(
         "jobs",
         f"[green]done {snap.done}[/]  [red]failed {snap.failed}[/]  "
@@ -133,9 +118,7 @@ def render(snap: Snapshot) -> Any:
         "",
     )
     cost = snap.cost
-    table.add_row(
-        "usage",
-        f"{snap.tokens} tokens   ~{cost['total']:.2f} {cost['currency']} (estimate)",
-        f"ETA {duration(snap.eta)}",
-    )
+    table.add_row("usage", f"{snap.tokens} tokens   ~{cost['total']:.2f} {cost['currency']} "
+                  "(estimate)", "")  # fmt: skip
+    table.add_row("", f"[yellow]{snap.state}[/]" if snap.outages or snap.storage else snap.state, "")
     return table

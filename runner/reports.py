@@ -1,91 +1,139 @@
-"""Reading what the database holds: status, job listings and result exports.
+"""Reading what the database holds: counts, the status report, job listings, one job in full.
 
-These commands need only the store, never the network, so they live apart from ``commands``
-and the CLI can answer them without importing the HTTP stack: ``runner status`` on a
-million-job database answers in well under a second, most of it interpreter start-up. Every
-figure comes from an index or a trigger-kept table, not from a scan of the jobs.
+Every figure has one definition, kept in the database and used everywhere (``runner status``,
+the run's summary, the Python API): ``submits`` are submit requests sent (each claim that left,
+ambiguous ones included); ``ambiguousSubmits`` those whose answer was lost, so they may have been
+billed without runner learning the operation; ``resubmits`` jobs sent again because their
+operation expired, stuck or failed transiently; ``faults`` failures charged to a job's own
+budget; ``polls`` polls recorded with an outcome; ``staleOutcomes`` answers that arrived for an
+attempt no longer current and changed nothing. Tokens are counted per operation as answers
+arrive, so a failed chat still shows the turns it paid for.
+
+Nothing here touches the network, so these need no HTTP stack, and every figure comes from an
+index or a trigger-kept table, not from a scan of the jobs: ``status`` answers in well under a
+second on a million jobs.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import time
-from typing import IO, Any
+from typing import Any
 
 from runner import pricing
-from runner.errors import UsageError
-from runner.store import Store
+from runner.database import Database, RunLock
+from runner.jobs import State
+
+COUNTERS = {
+    "submits": "attempts", "ambiguousSubmits": "ambiguous", "resubmits": "resubmits",
+    "faults": "faults", "polls": "polls", "staleOutcomes": "stale",
+}  # fmt: skip
+TOKENS = {"inputTextTokens": "input_tokens", "completionTokens": "completion_tokens",
+          "reasoningTokens": "reasoning_tokens", "totalTokens": "total_tokens"}  # fmt: skip
 
 
-async def status(db: str, prices: dict[str, float] | None = None) -> dict[str, Any]:
-    must_exist(db)
-    async with Store.open(db) as store:
-        counts = await store.counts()
-        totals = await store.totals()
-        usage_by_model = await store.usage_by_model()
-        oldest = await store.oldest_running()
-        errors = await store.top_errors()
-    usage = {
-        k: totals[k]
-        for k in ("inputTextTokens", "completionTokens", "reasoningTokens", "totalTokens")
+async def counts(db: Database) -> dict[str, int]:
+    found = {s.value: 0 for s in State}
+    for state, n in await db.rows("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+        found[state] = n
+    return found
+
+
+async def totals(db: Database) -> dict[str, int]:
+    """The persistent counters and token totals, under their reported names."""
+    names = {**COUNTERS, **TOKENS}
+    row = await db.row(f"SELECT {', '.join(names.values())} FROM totals")
+    return {k: int(row[i]) if row else 0 for i, k in enumerate(names)}
+
+
+async def status(db: Database, prices: dict[str, float] | None = None) -> dict[str, Any]:
+    found = await counts(db)
+    kept = await totals(db)
+    usage_by_model = {
+        str(m): int(t) for m, t in await db.rows("SELECT model, total_tokens FROM usage_by_model")
     }
+    oldest = await db.value("SELECT MIN(next_at) FROM jobs WHERE state = 'running'")
+    errors = await db.rows(
+        "SELECT json_extract(error, '$.code'), json_extract(error, '$.message'), COUNT(*) "
+        "FROM jobs WHERE state = 'failed' GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 5"
+    )
+    live = RunLock.held(db.path)
+    outage = await db.get_state("outage") if live else None
     return {
-        "total": sum(counts.values()),
-        **counts,
-        "usage": usage,
+        "database": db.path,
+        "live": live,
+        "total": sum(found.values()),
+        **found,
+        "usage": {k: kept[k] for k in TOKENS},
         "cost": pricing.estimate(usage_by_model, prices or pricing.ASYNC_PRICE_PER_1K),
-        "ambiguousSubmits": totals["ambiguousSubmits"],
-        "resubmits": totals["resubmits"],
-        "retries": totals["faults"],
-        "submits": totals["submits"],
+        **{k: kept[k] for k in COUNTERS},
         "oldestRunningAgeSeconds": None if oldest is None else round(time.time() - oldest, 1),
-        "topErrors": errors,
+        "topErrors": [{"code": c, "message": m, "count": n} for c, m, n in errors],
+        "outage": outage or None,
     }
 
 
-async def jobs(db: str, state: str | None, limit: int) -> list[dict[str, Any]]:
-    must_exist(db)
-    async with Store.open(db) as store:
-        return await store.list_jobs(state, limit)
+async def jobs(db: Database, state: str | None, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """Up to ``limit`` jobs (in input order) and how many matched in all."""
+    where, args = ("WHERE state = ?", [state]) if state else ("", [])
+    total = int(await db.value(f"SELECT COUNT(*) FROM jobs {where}", *args) or 0)
+    rows = await db.rows(
+        "SELECT id, state, attempts, operation_id, error, turn, turns, ambiguous FROM jobs "
+        f"{where} ORDER BY rowid LIMIT ?",
+        *args, limit,
+    )  # fmt: skip
+    listed = []
+    for r in rows:
+        job = {"id": r[0], "state": r[1], "attempts": r[2], "operationId": r[3],
+               "lastError": json.loads(r[4]) if r[4] else None, "ambiguousSubmits": r[7]}  # fmt: skip
+        if r[6]:
+            job["turn"] = f"{r[5] + 1}/{len(json.loads(r[6]))}"
+        listed.append(job)
+    return listed, total
 
 
-def must_exist(db: str) -> None:
-    if not os.path.exists(db):
-        raise UsageError(f"{db}: no such database; run `runner run JOBS.jsonl --db {db}` first")
+async def show(db: Database, job_id: str) -> dict[str, Any] | None:
+    """One job in full: its request, its answer (or error), usage, and every attempt."""
+    from runner.output import COLUMNS, result_line
 
-
-CSV_COLUMNS = (
-    "id", "status", "text", "alternativeStatus", "inputTextTokens", "completionTokens",
-    "reasoningTokens", "totalTokens", "modelVersion", "operationId", "attempts",
-    "errorCode", "errorMessage",
-)  # fmt: skip
-
-
-def _csv_row(line: dict[str, Any]) -> list[Any]:
-    usage = line.get("usage") or {}
-    error = line.get("error") or {}
-    flat = {**line, **usage, "errorCode": error.get("code"), "errorMessage": error.get("message")}
-    return ["" if flat.get(c) is None else flat.get(c) for c in CSV_COLUMNS]
-
-
-async def results(
-    db: str, out: IO[str], fmt: str, state: str | None, include_request: bool = False
-) -> int:
-    must_exist(db)
-    n = 0
-    writer = csv.writer(out) if fmt == "csv" else None
-    if writer:
-        writer.writerow((*CSV_COLUMNS, "request") if include_request else CSV_COLUMNS)
-    async with Store.open(db) as store:
-        async for line in store.iter_results(state, include_request):
-            if writer:
-                row = _csv_row(line)
-                if include_request:
-                    row.append(json.dumps(line["request"], ensure_ascii=False))
-                writer.writerow(row)
-            else:
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+    row = await db.row(
+        f"SELECT {COLUMNS}, COALESCE(origin, body) AS request, body, turns, turn, faults, "
+        "ambiguous, resubmits, polls FROM jobs WHERE id = ?",
+        job_id,
+    )
+    if row is None:
+        return None
+    ledger = await db.rows(
+        "SELECT fence, turn, operation_id, sent_at, ambiguous, answered_at, total_tokens, "
+        "orphan IS NOT NULL FROM operations WHERE job = ? ORDER BY seq",
+        row["rowid"],
+    )
+    history = await db.rows(
+        "SELECT at, state, attempts, operation_id, error FROM job_history WHERE job = ? "
+        "ORDER BY at",
+        row["rowid"],
+    )
+    shown: dict[str, Any] = {
+        "id": job_id,
+        "state": row["state"],
+        "request": json.loads(row["request"]),
+        "counters": {k: row[k] for k in ("attempts", "faults", "ambiguous", "resubmits", "polls")},
+    }
+    if row["turns"]:
+        shown["turn"] = f"{row['turn'] + 1}/{len(json.loads(row['turns']))}"
+        if row["state"] not in ("done",):
+            shown["currentRequest"] = json.loads(row["body"])
+    if row["finish_seq"] is not None:
+        shown["result"] = result_line(row)
+    shown["operations"] = [
+        {"attempt": r[0], "turn": r[1] + 1, "operationId": r[2], "sentAt": r[3],
+         "ambiguous": bool(r[4]), "answeredAt": r[5], "totalTokens": r[6],
+         "answerKeptAside": bool(r[7])}
+        for r in ledger
+    ]  # fmt: skip
+    shown["retries"] = [
+        {"at": r[0], "state": r[1], "attempts": r[2], "operationId": r[3],
+         "error": json.loads(r[4]) if r[4] else None}
+        for r in history
+    ]  # fmt: skip
+    return shown

@@ -1,43 +1,61 @@
-"""The run loop: submit within the quota, poll within the quota, write outcomes in batches.
+"""The run loop: what to send when. How a row changes is ``queue``'s business, not this one's.
 
-One anyio task group holds the workers: the submitter claims a few pending jobs at a time (the
-claim commits ``submitting`` before any request leaves), waits for a slot from the submit pacer
-(per second and per rolling hour, halved on 429) and sends each in its own task; the poller
-keeps a heap of running operations ordered by when each is next worth polling (``polling``)
-and polls the due ones within the poll quota; the loader feeds it the operations a previous
-run left running. Outcomes go through one memory stream to the writer, which commits them in
-batches and then appends finished jobs to the output file.
+One anyio task group holds the workers. The submitter claims a few due jobs at a time (the
+claim commits ``submitting`` before any request leaves), takes a slot from the submit pacer and
+sends each in its own task, shielded so that a submit on the wire finishes and its operation id
+is stored. The poller keeps a heap of running operations ordered by when each is next worth
+polling (``polling``) and polls the due ones within the poll quota; the loader feeds it the
+operations submitted before this run started. Every outcome names its attempt and goes to the
+``Writer``; a stale one is refused there, so the loader and a repeated poll can do no harm.
 
-The writer lives in an outer group so it outlasts the workers: on Ctrl-C/SIGTERM, or when a
-worker hits a fatal error, the workers are cancelled first (a submit already on the wire is
-shielded for a short grace period so its operation id is not lost), then the stream is closed
-and the writer drains and commits everything sent to it. Nothing is committed per job on the
-hot path except the claim, which is batched too.
+Failures go through one breaker per endpoint family (``breaker``): an outage pauses the family
+and probes it, charges no job and fails none, and ``max_outage`` (if set) ends the run with
+``OutageError``. A job's own failures (a malformed answer; a transient one while later requests
+succeed) spend its budget. 401/403, and a 404 for an operation too young to have expired, stop
+the run with ``CredentialsError``; state stays committed and the next run resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
 import math
-import signal
+import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from runner.api import ApiError, Client
-from runner.backoff import Pacer, delay
-from runner.errors import FatalApiError
-from runner.jobs import ApiFailure, Claim, Running
+from runner import wire
+from runner.backoff import delay
+from runner.breaker import Breaker
+from runner.client import ApiError, Client
+from runner.errors import CredentialsError, OutageError
+from runner.inputs import expand
+from runner.jobs import (
+    Answered,
+    ApiFailure,
+    Attempt,
+    Cancelled,
+    Charged,
+    Claim,
+    Failed,
+    Requeued,
+    Running,
+    Submitted,
+)  # fmt: skip
+from runner.pacing import Pacer
 from runner.polling import PollPolicy
-from runner.progress import Progress
-from runner.store import Finished, Requeue, Store, Submitted, Update
+from runner.queue import Applied, Queue
+from runner.writer import Writer
 
 log = logging.getLogger("runner.scheduler")
+RETENTION = 3 * 24 * 3600.0  # the server keeps results 3 days
 
 
 @dataclass
@@ -49,241 +67,302 @@ class Settings:
     mode: str = "async"  # or "sync": POST /completion, no polling
     sync_concurrency: int = 10
     max_faults: int = 5
+    max_resubmits: int = 2
     submit_concurrency: int = 0  # 0: enough for the pace (rate x 100 ms), at least 4
     poll_concurrency: int = 64
     op_deadline: float = 24 * 3600.0
     resubmit_stuck: bool = False
+    retention: float = RETENTION
+    max_outage: float | None = None
+    probe_first: float = 1.0
+    probe_max: float = 120.0
     context_budget: int = 32768  # tokens a chat's next turn may need (history + answer)
-    output: str | None = None
     batch_window: float = 0.02
     policy: PollPolicy = field(default_factory=PollPolicy)
 
 
 @dataclass
 class Stats:
+    """What this process saw; the persistent counters are in the database (``status``)."""
+
     submitted: int = 0
     polls: int = 0
     finished: int = 0
     failed: int = 0
     throttled: int = 0
-    faults: int = 0
-    resubmits: int = 0
-    recovered: int = 0
-    written: int = 0
+    stale: int = 0
     interrupted: bool = False
 
 
+@dataclass
+class Outage:
+    family: str
+    since: float  # wall clock
+    error: str
+    next_try_in: float
+
+
 class Scheduler:
-    def __init__(
-        self,
-        store: Store,
-        client: Client,
-        settings: Settings,
-    ) -> None:
-        self.store = store
-        self.client = client
-        self.s = settings
+    def __init__(self, queue: Queue, client: Client, writer: Writer, settings: Settings,
+                 folder_id: str, outstanding: int) -> None:  # fmt: skip
+        self.queue, self.client, self.writer, self.s = queue, client, writer, settings
+        self.folder_id = folder_id
+        self.outstanding = outstanding
         self.policy = settings.policy
         self.stats = Stats()
         sync = settings.mode == "sync"
-        self.submit_pacer = Pacer(
-            settings.submit_rps,
-            None if sync else settings.submit_per_hour,
-            hour=settings.quota_window,
-        )
+        self.submit_pacer = Pacer(settings.submit_rps, None if sync else settings.submit_per_hour,
+                                  hour=settings.quota_window)  # fmt: skip
         self.poll_pacer = Pacer(settings.poll_rps)
+        kw: dict[str, Any] = {"first_probe": settings.probe_first, "max_probe": settings.probe_max}
+        self.breakers: dict[str, Breaker[Any]] = {
+            "submit": Breaker[tuple[Attempt, ApiFailure]]("submit", distinct=2, **kw),
+            "poll": Breaker[None]("poll", distinct=1, **kw),
+        }
+        self._outage_since: dict[str, float] = {}
         self._heap: list[tuple[float, int, Running]] = []
         self._seq = itertools.count()
         self._heap_changed = anyio.Event()
         self._work_changed = anyio.Event()
-        self._all_done = anyio.Event()
-        self.outstanding = 0
+        self.done = anyio.Event()
         self.draining = False
-        self._started = 0.0
-        self._send: MemoryObjectSendStream[Update] | None = None
+        self.started = time.time()
+        self._t0 = anyio.current_time()
         self._inflight = 0
-        self.base: dict[str, int] = {}
-        self.total = 0
-
-    # -- the whole run ------------------------------------------------------------------
-
-    @property
-    def pending(self) -> int:
-        """Jobs not yet submitted (or waiting to be resubmitted), from in-memory counts."""
-        return max(0, self.outstanding - self.tracked)
-
-    def slack(self) -> float:
-        """How long the run goes on in any case: the quota's time to submit what is pending."""
-        return self.submit_pacer.horizon(self.pending)
+        self.listener: Callable[[], None] = lambda: None  # told after every commit
+        writer.on_applied = self._applied
 
     @property
     def tracked(self) -> int:
         """Operations the poller is watching (or, in sync mode, requests on the wire)."""
         return len(self._heap) + self._inflight
 
-    async def run(self, progress: Progress | None = None) -> Stats:
-        self.stats.recovered = await self.store.recover()
-        counts = await self.store.counts()
-        self.base = counts
-        self.total = sum(counts.values())
-        self.outstanding = counts["pending"] + counts["running"]
-        if self.s.output:
-            await self.store.open_output(self.s.output)
-            self.stats.written += await self.store.export(self.s.output)
-        if self.outstanding == 0:
-            return self.stats
-        self._started = anyio.current_time()
-        # unbounded: producers are paced by the quotas, so what waits here is at most the
-        # quota rate times a writer stall; a bound would turn a slow disk into a crash
-        send, receive = anyio.create_memory_object_stream[Update](math.inf)
-        self._send = send
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(self._writer, receive)
-            try:
-                async with anyio.create_task_group() as workers:
-                    workers.start_soon(self._until_done, workers)
-                    if progress is not None:
-                        workers.start_soon(progress.run)
-                    workers.start_soon(self._signals, workers)
-                    workers.start_soon(self._submitter, workers)
-                    if self.s.mode == "async":
-                        workers.start_soon(self._poller, workers)
-                        workers.start_soon(self._loader)
-            finally:
-                send.close()
-        return self.stats
+    @property
+    def pending(self) -> int:
+        return max(0, self.outstanding - self.tracked)
 
-    async def _until_done(self, workers: TaskGroup) -> None:
-        await self._all_done.wait()
-        workers.cancel_scope.cancel()
+    def slack(self) -> float:
+        """How long the run goes on in any case: the quota's time to submit what is pending."""
+        return self.submit_pacer.horizon(self.pending)
 
-    async def _signals(self, workers: TaskGroup) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                log.warning("interrupted: finishing requests on the wire and saving state")
-                self.stats.interrupted = True
-                workers.cancel_scope.cancel()
-                return
+    def outages(self) -> list[Outage]:
+        now = anyio.current_time()
+        return [Outage(f, self._outage_since.get(f, time.time()), b.error, b.wait(now))
+                for f, b in self.breakers.items() if b.is_open]  # fmt: skip
 
-    def _emit(self, update: Update) -> None:
-        assert self._send is not None
-        self._send.send_nowait(update)
+    async def run(self, workers: TaskGroup) -> None:
+        """Start the workers in ``workers``; ``done`` is set when nothing is left to do."""
+        if self.outstanding <= 0:
+            self.done.set()
+            return
+        since = time.time() - self.submit_pacer.hour
+        offset = anyio.current_time() - time.time()
+        self.submit_pacer.seed(t + offset for t in await self.queue.recent_submits(since))
+        workers.start_soon(self._submitter, workers)
+        workers.start_soon(self._watchdog)
+        if self.s.mode == "async":
+            workers.start_soon(self._poller, workers)
+            workers.start_soon(self._loader)
 
-    # -- submitting ---------------------------------------------------------------------
+    def _applied(self, applied: Applied) -> None:
+        self.stats.finished += applied.finished
+        self.stats.failed += applied.failed
+        self.stats.stale += applied.stale
+        self.outstanding -= applied.finished
+        if applied.advanced or applied.requeued:
+            self._work_changed.set()
+        if self.outstanding <= 0:
+            self.done.set()
+        self.listener()
+
+    # -- outages --------------------------------------------------------------------------
+
+    def _noted(self, family: str, was_open: bool) -> None:
+        """Log once when a breaker opens and once when it closes."""
+        b = self.breakers[family]
+        if b.is_open and not was_open:
+            self._outage_since[family] = time.time()
+            log.warning("API unreachable (%s requests: %s); pausing them and probing", family, b.error)
+        elif was_open and not b.is_open:
+            down = time.time() - self._outage_since.pop(family, time.time())
+            log.warning("API reachable again (%s requests) after %.0f s", family, down)
+
+    async def _watchdog(self) -> None:
+        """Once a second: end the run past --max-outage, and publish the outage for `status`."""
+        shown: list[str] = []
+        while True:
+            await anyio.sleep(1.0)
+            now = anyio.current_time()
+            outages = self.outages()
+            if [o.family for o in outages] != shown or outages:
+                shown = [o.family for o in outages]
+                state = [o.__dict__ | {"next_try_at": time.time() + o.next_try_in} for o in outages]
+                with contextlib.suppress(sqlite3.Error):  # a display, never a reason to stop
+                    await self.queue.db.set_state("outage", state or None)
+            for family, b in self.breakers.items():
+                if self.s.max_outage is not None and b.open_for(now) > self.s.max_outage:
+                    raise OutageError(
+                        f"the API has been unreachable for {b.open_for(now):.0f} s ({family} "
+                        f"requests: {b.error}), longer than --max-outage; state is saved, "
+                        "rerun to resume"
+                    )
+
+    async def _gate(self, family: str) -> None:
+        """Wait until a request of ``family`` may go: at once when closed, else as the probe."""
+        b = self.breakers[family]
+        while not b.allow(anyio.current_time()):  # noqa: ASYNC110 - a deadline, not a handoff
+            await anyio.sleep(max(0.05, b.wait(anyio.current_time())))
+
+    # -- submitting -----------------------------------------------------------------------
 
     async def _submitter(self, workers: TaskGroup) -> None:
-        if self.s.mode == "sync":
-            concurrency = self.s.sync_concurrency
-        else:
-            concurrency = self.s.submit_concurrency or max(4, math.ceil(self.s.submit_rps * 0.1))
+        sync = self.s.mode == "sync"
+        concurrency = self.s.sync_concurrency if sync else (
+            self.s.submit_concurrency or max(4, math.ceil(self.s.submit_rps * 0.1)))  # fmt: skip
         limiter = anyio.Semaphore(concurrency)
+        breaker = self.breakers["submit"]
         while True:
-            # first whether there is anything to send at all: with nothing pending, waiting
-            # for quota room would hide that the run is draining (and delay its tail rule
-            # by up to an hour)
-            next_at = await self.store.next_pending_at()
+            if self.writer.trouble is not None:
+                await self.writer.recovered.wait()
+            next_at = await self.queue.next_pending_at()
             if next_at is None or next_at > time.time():
                 await self._wait_for_work(next_at)
                 continue
-            # claim what the pacer will let out in the next ~100 ms: few jobs are ever
-            # "submitting" at once, so a kill leaves few ambiguous submits behind
-            batch = max(1, min(64, int(self.submit_pacer.rate * 0.1)))
-            if self.s.mode == "sync":
+            was_open = breaker.is_open
+            await self._gate("submit")
+            # claim what the pacer lets out in the next ~100 ms (one, as a probe): few jobs are
+            # ever "submitting" at once, so a kill leaves few ambiguous submits behind
+            batch = 1 if breaker.is_open else max(1, min(64, int(self.submit_pacer.rate * 0.1)))
+            if sync:
                 batch = min(batch, concurrency)
-            # a claimed job is "submitting": never hold one through a quota pause
-            batch = min(batch, await self.submit_pacer.room())
-            claims = await self.store.claim(batch, time.time())
+            batch = min(batch, max(1, await self.submit_pacer.room()))
+            claims = await self.queue.claim(batch, time.time())
             if not claims:
+                breaker.probing = False
                 continue
             self.draining = False
             unsent = list(claims)
             try:
-                while unsent:
+                while unsent and (not breaker.is_open or was_open):
                     await limiter.acquire()
                     try:
-                        await self.submit_pacer.slot()
+                        stamp = await self.submit_pacer.slot()
                     except BaseException:
                         limiter.release()
                         raise
-                    workers.start_soon(self._send_one, unsent.pop(0), limiter)
+                    workers.start_soon(self._send_one, unsent.pop(0), stamp, limiter)
             finally:
-                if unsent:  # stopped with claims in hand that never left: not ambiguous
+                if unsent:  # stopped with claims that never left: not ambiguous
                     with anyio.CancelScope(shield=True):
-                        await self.store.unclaim([c.rowid for c in unsent])
+                        await self.queue.unclaim(unsent)
 
     async def _wait_for_work(self, next_at: float | None) -> None:
         if next_at is None:
             self._start_draining()
-            wait = 1.0
-        else:
-            wait = min(1.0, max(0.0, next_at - time.time()))
+        wait = 1.0 if next_at is None else min(1.0, max(0.0, next_at - time.time()))
         self._work_changed = anyio.Event()
         with anyio.move_on_after(wait):
             await self._work_changed.wait()
 
-    async def _send_one(self, claim: Claim, limiter: anyio.Semaphore) -> None:
+    async def _send_one(self, claim: Claim, stamp: float, limiter: anyio.Semaphore) -> None:
         try:
             # shielded: a submit on the wire finishes (bounded by the client's timeout) so its
             # operation id is stored, rather than leaving an ambiguous "submitting" job behind
             with anyio.CancelScope(shield=True):
-                if self.s.mode == "sync":
-                    self._inflight += 1
+                self._inflight += self.s.mode == "sync"
                 try:
-                    await self._submit(claim)
+                    await self._submit(claim, stamp)
                 finally:
-                    if self.s.mode == "sync":
-                        self._inflight -= 1
+                    self._inflight -= self.s.mode == "sync"
         finally:
             limiter.release()
 
-    async def _submit(self, claim: Claim) -> None:
-        now = time.time()
+    async def _submit(self, claim: Claim, stamp: float) -> None:
+        a, sent = claim.attempt, anyio.current_time()
+        breaker = self.breakers["submit"]
+        was_open = breaker.is_open
+        body = expand(claim.body, self.folder_id)
         try:
             if self.s.mode == "sync":
-                completion = await self.client.complete(claim.body, claim.idem_key)
+                completion = await self.client.complete(body, claim.idem_key)
             else:
-                op_id = await self.client.submit(claim.body, claim.idem_key)
+                op_id = await self.client.submit(body, claim.idem_key)
         except ApiError as e:
-            self._submit_failed(claim, e)
+            await self._submit_failed(claim, stamp, sent, e)
+            self._noted("submit", was_open)
             return
-        except FatalApiError:
-            self._emit(Requeue(claim.rowid, 0.0))
+        except CredentialsError:
+            self.submit_pacer.refund(stamp)
+            self.writer.emit(Requeued(a, 0.0))
             raise
-        self.submit_pacer.success()
+        _, proven = breaker.success(sent, a.rowid)
+        self._noted("submit", was_open)
+        for s in proven:
+            self.writer.emit(Charged(s.payload[0], time.time(), s.payload[1], self.s.max_faults))
         self.stats.submitted += 1
-        if self.s.mode == "sync":
-            self._emit(Finished(claim.rowid, time.time(), 0, completion=completion))
-            return
-        self._emit(Submitted(claim.rowid, op_id, now))
-        self._schedule(Running(claim.rowid, op_id, now), self.policy.first_wait(self.slack()))
-
-    def _submit_failed(self, claim: Claim, e: ApiError) -> None:
         now = time.time()
+        if self.s.mode == "sync":
+            self.writer.emit(Answered(a, now, completion))
+            return
+        self.writer.emit(Submitted(a, op_id, now))
+        running = Running(a.running(op_id), now, claim.resubmits)
+        self._schedule(running, self.policy.first_wait(self.slack()))
+
+    async def _submit_failed(self, claim: Claim, stamp: float, sent: float, e: ApiError) -> None:
+        a, now, emit = claim.attempt, time.time(), self.writer.emit
+        if not e.maybe_created:
+            self.submit_pacer.refund(stamp)  # nothing was accepted: it does not use the quota
         if e.kind == "rate":
             self.stats.throttled += 1
             self.submit_pacer.throttle(e.retry_after)
-            self._emit(Requeue(claim.rowid, now))
-        elif e.kind == "invalid":
-            self._emit(Finished(claim.rowid, now, 0, failure=e.failure()))
-        elif e.kind in ("forbidden", "not_found"):
-            self._emit(Requeue(claim.rowid, 0.0))
-            what = (
-                "permission denied (403)" if e.kind == "forbidden" else "endpoint not found (404)"
+            emit(Requeued(a, now, error=e.failure()))
+            return
+        if e.kind == "invalid":
+            emit(Failed(a, now, e.failure()))
+            return
+        if e.kind in ("forbidden", "not_found"):
+            emit(Requeued(a, 0.0))
+            what = "permission denied (403)" if e.kind == "forbidden" else "not found (404)"
+            raise CredentialsError(
+                f"submit refused: {what}: {e.message}. Check --llm-url ({self.client.llm_url}), "
+                "the folder id and the service account's role (ai.languageModels.user), then "
+                "rerun to resume"
             )
-            raise FatalApiError(
-                f"submit refused: {what}: {e.message}. Check the service account's role "
-                "(ai.languageModels.user), the folder id and --llm-url, then rerun to resume"
-            )
+        faults = claim.faults + 1
+        if e.kind == "transient":
+            breaker = self.breakers["submit"]
+            verdict = breaker.failure(anyio.current_time(), sent, a.rowid, e.short)
+            if verdict == "repeat":
+                earlier = breaker.suspects.pop(a.rowid)
+                if await self._service_up():
+                    emit(Charged(earlier.payload[0], now, earlier.payload[1], self.s.max_faults))
+                    faults += 1
+                    verdict = "job"
+                else:
+                    breaker.trip(anyio.current_time(), e.short)
+                    verdict = "outage"
+            if verdict != "job":
+                if verdict == "unsure":
+                    breaker.suspect(a.rowid, sent, (a, e.failure()))
+                wait = 0.0 if verdict == "outage" else delay(faults)
+                emit(Requeued(a, now + wait, error=e.failure(), ambiguous=e.maybe_created))
+                return
+        if faults >= self.s.max_faults:  # the job's own fault: "malformed", or proven transient
+            emit(Failed(a, now, e.failure(), charged=True, ambiguous=e.maybe_created))
         else:
-            self.stats.faults += 1
-            faults = claim.faults + 1
-            if faults >= self.s.max_faults:
-                self._emit(Finished(claim.rowid, now, 0, failure=e.failure()))
-            else:
-                wait = delay(faults, retry_after=e.retry_after)
-                self._emit(Requeue(claim.rowid, now + wait, fault=e.failure(), ambiguous=e.sent))
+            emit(Requeued(a, now + delay(faults, retry_after=e.retry_after), fault=e.failure(),
+                          ambiguous=e.maybe_created))  # fmt: skip
 
-    # -- polling ------------------------------------------------------------------------
+    async def _service_up(self) -> bool:
+        """Is the LLM host answering? Asked with the tokenizer, which is free."""
+        probe = '{"modelUri":"gpt://%s/yandexgpt-lite/latest","messages":[{"role":"user","text":"ping"}]}'
+        try:
+            await self.client.tokenize_completion(probe % self.folder_id)
+        except ApiError as e:
+            return e.kind not in ("transient",)
+        return True
+
+    # -- polling --------------------------------------------------------------------------
 
     def _start_draining(self) -> None:
         """Nothing left to submit: from now on the slowest job decides the finish, so pull
@@ -292,7 +371,7 @@ class Scheduler:
             return
         self.draining = True
         now = anyio.current_time()
-        latest = now + self.policy.cap(elapsed=now - self._started, draining=True)
+        latest = now + self.policy.cap(elapsed=now - self._t0, draining=True)
         self._heap = [(min(due, latest), seq, op) for due, seq, op in self._heap]
         heapq.heapify(self._heap)
         self._heap_changed.set()
@@ -304,19 +383,13 @@ class Scheduler:
         heapq.heappush(self._heap, (due, next(self._seq), op))
 
     async def _loader(self) -> None:
-        """Operations a previous run left running: poll them, never resubmit them."""
+        """Operations submitted before this run began: poll them, never resubmit them."""
         after: tuple[float, int] = (-math.inf, 0)
-        first = self.policy.first
-        while True:
-            page = await self.store.running_page(after, 1000)
-            if not page:
-                return
+        while page := await self.queue.running_page(after, 1000, before=self.started):
             now = time.time()
             for op in page:
-                age = now - op.submitted_at
-                self._schedule(op, max(0.0, first - age))
-            # a running job's next_at is its submit time: the page key
-            after = (page[-1].submitted_at, page[-1].rowid)
+                self._schedule(op, max(0.0, self.policy.first - (now - op.submitted_at)))
+            after = (page[-1].submitted_at, page[-1].attempt.rowid)
             while len(self._heap) > 50_000:  # noqa: ASYNC110 - a bound, not a handoff
                 await anyio.sleep(0.5)
 
@@ -327,12 +400,15 @@ class Scheduler:
                 self._heap_changed = anyio.Event()
                 await self._heap_changed.wait()
                 continue
-            due = self._heap[0][0]
-            now = anyio.current_time()
+            due, now = self._heap[0][0], anyio.current_time()
             if due > now:
                 self._heap_changed = anyio.Event()
                 with anyio.move_on_after(due - now):
                     await self._heap_changed.wait()
+                continue
+            await self._gate("poll")
+            if not self._heap:
+                self.breakers["poll"].probing = False
                 continue
             _, _, op = heapq.heappop(self._heap)
             await limiter.acquire()
@@ -350,99 +426,78 @@ class Scheduler:
     async def _poll(self, op: Running) -> None:
         op.polls += 1
         self.stats.polls += 1
-        now = time.time()
-        age = now - op.submitted_at
+        sent, breaker = anyio.current_time(), self.breakers["poll"]
+        was_open = breaker.is_open
         try:
             state = await self.client.poll(op.operation_id)
         except ApiError as e:
-            self._poll_failed(op, e)
+            self._poll_failed(op, sent, e)
+            self._noted("poll", was_open)
             return
-        self.poll_pacer.success()
+        breaker.success(sent, op.attempt.rowid)
+        self._noted("poll", was_open)
         op.errors = 0
-        if state.done:
-            if op.polls > 1 or age < 2 * self.policy.first:  # not a resumed, long-gone job
-                self.policy.observe_done(op.last_miss, age)
-            self._emit(Finished(op.rowid, now, op.polls, state.completion, state.failure))
-        elif age > self.s.op_deadline:
-            self._expired(op, now, "did not finish")
-        else:
-            op.last_miss = age
-            elapsed = anyio.current_time() - self._started
-            self._schedule(op, self.policy.next_wait(age, elapsed=elapsed, draining=self.draining))
-
-    def _poll_failed(self, op: Running, e: ApiError) -> None:
         now = time.time()
-        if e.kind == "not_found":
-            # results live 3 days; a run paused longer finds them gone: submit again
-            self.stats.resubmits += 1
-            self._emit(Requeue(op.rowid, now, resubmit=True, polls=op.polls))
-            self._work_changed.set()
+        age = now - op.submitted_at
+        if not state.done:
+            if age > self.s.op_deadline:
+                self._gone(op, f"did not finish within {self.s.op_deadline / 3600:g} h "
+                           "(--op-deadline)", 4, stuck=True)  # fmt: skip
+                return
+            op.last_miss = age
+            elapsed = anyio.current_time() - self._t0
+            self._schedule(op, self.policy.next_wait(age, elapsed=elapsed, draining=self.draining))
             return
-        if e.kind == "forbidden":
-            raise FatalApiError(f"poll refused: permission denied (403): {e.message}")
+        if op.polls > 1 or age < 2 * self.policy.first:  # not a resumed, long-gone job
+            self.policy.observe_done(op.last_miss, age)
+        if state.completion is not None:
+            self.writer.emit(Answered(op.attempt, now, state.completion, op.polls))
+        elif state.cancelled:
+            self.writer.emit(Cancelled(op.attempt, now))
+        elif state.failure is not None and state.failure.code in wire.TRANSIENT_OPERATION_CODES:
+            self._gone(op, f"ended with a transient error (code {state.failure.code}: "
+                       f"{state.failure.message})", state.failure.code)  # fmt: skip
+        else:
+            assert state.failure is not None
+            self.writer.emit(Failed(op.attempt, now, state.failure, op.polls))
+
+    def _gone(self, op: Running, why: str, code: int, stuck: bool = False) -> None:
+        """The operation will not give an answer: submit the job again (capped), or fail it."""
+        now = time.time()
+        if (self.s.resubmit_stuck or not stuck) and op.resubmits < self.s.max_resubmits:
+            self.writer.emit(Requeued(op.attempt, now, polls=op.polls, resubmit=True,
+                                      error=ApiFailure(code, f"operation {why}")))  # fmt: skip
+            return
+        hint = ("; rerun with --resubmit-stuck to send it again" if stuck and not
+                self.s.resubmit_stuck else f" (submitted {op.resubmits + 1} times, --max-resubmits "
+                f"{self.s.max_resubmits})")  # fmt: skip
+        failure = ApiFailure(code, f"operation {op.operation_id} {why}{hint}")
+        self.writer.emit(Failed(op.attempt, now, failure, op.polls))
+
+    def _poll_failed(self, op: Running, sent: float, e: ApiError) -> None:
+        now, age = time.time(), time.time() - op.submitted_at
+        if e.kind == "not_found":
+            if age >= self.s.retention:  # results are kept 3 days: this one expired
+                self._gone(op, f"expired on the server ({age / 3600:.0f} h after it was "
+                           "submitted)", 5)  # fmt: skip
+                return
+            raise CredentialsError(
+                f"the operation service answered 404 for operation {op.operation_id}, submitted "
+                f"{age:.0f} s ago; results are kept for 3 days, so this is not expiry: check "
+                f"--operation-url ({self.client.operation_url}), the folder id and the "
+                "credentials. State is saved; rerun to resume"
+            )
+        if e.kind in ("forbidden", "invalid"):
+            raise CredentialsError(f"poll refused ({e.short}): {e.message}; rerun to resume")
         op.errors += 1
         if e.kind == "rate":
             self.stats.throttled += 1
             self.poll_pacer.throttle(e.retry_after)
-        else:
-            self.stats.faults += 1
-        if op.errors >= 10 * self.s.max_faults and e.kind != "rate":
-            self._emit(Finished(op.rowid, now, op.polls, failure=e.failure()))
-            return
+        elif e.kind == "malformed":
+            op.faults += 1
+            if op.faults >= self.s.max_faults:
+                self.writer.emit(Failed(op.attempt, now, e.failure(), op.polls, charged=True))
+                return
+        else:  # transient: never the operation's fault, and never a reason to give it up
+            self.breakers["poll"].failure(anyio.current_time(), sent, op.attempt.rowid, e.short)
         self._schedule(op, delay(op.errors, base=0.5, cap=30.0, retry_after=e.retry_after))
-
-    def _expired(self, op: Running, now: float, why: str) -> None:
-        hours = self.s.op_deadline / 3600
-        if self.s.resubmit_stuck:
-            self.stats.resubmits += 1
-            self._emit(Requeue(op.rowid, now, resubmit=True, polls=op.polls))
-            self._work_changed.set()
-        else:
-            message = (
-                f"operation {op.operation_id} {why} within {hours:g} h (--op-deadline); "
-                "rerun with --resubmit-stuck to send it again"
-            )
-            self._emit(Finished(op.rowid, now, op.polls, failure=ApiFailure(4, message)))
-
-    # -- writing ------------------------------------------------------------------------
-
-    async def _writer(self, receive: MemoryObjectReceiveStream[Update]) -> None:
-        batch: list[Update] = []
-        async with receive:
-            try:
-                while True:
-                    batch.append(await receive.receive())
-                    with anyio.move_on_after(self.s.batch_window):
-                        while len(batch) < 1000:
-                            batch.append(await receive.receive())
-                    done, batch = batch, []
-                    await self._flush(done)
-            except anyio.EndOfStream:
-                await self._flush(batch)
-            except anyio.get_cancelled_exc_class():
-                # a worker failed: everything it sent is buffered; commit it before leaving
-                with anyio.CancelScope(shield=True):
-                    while True:
-                        try:
-                            batch.append(receive.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                    await self._flush(batch)
-                raise
-
-    async def _flush(self, batch: list[Update]) -> None:
-        if not batch:
-            return
-        with anyio.CancelScope(shield=True):
-            finished, advanced = await self.store.apply(batch, self.s.context_budget)
-            if finished and self.s.output:
-                self.stats.written += await self.store.export(self.s.output)
-        if advanced or any(isinstance(u, Requeue) for u in batch):
-            self._work_changed.set()
-        for u in batch:
-            if isinstance(u, Finished) and u.failure is not None:
-                self.stats.failed += 1
-        self.stats.finished += finished
-        self.outstanding -= finished
-        if self.outstanding <= 0:
-            self._all_done.set()

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from runner import backoff, commands
+from runner import backoff
 from runner import emulator as emu
+from runner.batch import Batch, RunReport
 from runner.polling import PollPolicy
 from runner.scheduler import Settings
 
@@ -82,24 +83,33 @@ def write_jobs(path: Path, rows: list[Any]) -> Path:
 
 
 def fast_settings(**kw: Any) -> Settings:
+    """Settings for tests: quotas far above what a test sends, short waits."""
     kw.setdefault("submit_rps", 200.0)
     kw.setdefault("submit_per_hour", None)
     kw.setdefault("poll_rps", 500.0)
+    kw.setdefault("probe_first", 0.05)
+    kw.setdefault("probe_max", 0.2)
     kw.setdefault("policy", PollPolicy(initial=0.02, min_wait=0.01))
     return Settings(**kw)
 
 
+def batch_for(e: Emu | None, tmp_path: Path, **kw: Any) -> Batch:
+    kw.setdefault("settings", fast_settings())
+    if e is not None:
+        kw.setdefault("llm_url", e.url)
+        kw.setdefault("operation_url", e.url)
+    return Batch(tmp_path / "runner.db", **kw)
+
+
 async def run_against(
-    e: Emu, tmp_path: Path, jobs: Path | None, *, output: str | None = "out.jsonl", **kw: Any
-) -> commands.RunReport:
-    out = str(tmp_path / output) if output else None
-    settings = kw.pop("settings", None) or fast_settings(output=out)
-    settings.output = out
-    opts = commands.RunOptions(
-        jobs=str(jobs) if jobs else None, db=str(tmp_path / "runner.db"), output=out,
-        llm_url=e.url, operation_url=e.url, settings=settings, **kw,
-    )  # fmt: skip
-    return await commands.run(opts)
+    e: Emu | None, tmp_path: Path, jobs: Path | list[Any] | None, *,
+    output: str | None = "out.jsonl", **kw: Any,
+) -> RunReport:  # fmt: skip
+    """Add ``jobs`` (a file or a list) and run the batch to the end, through the Python API."""
+    async with batch_for(e, tmp_path, **kw) as batch:
+        if jobs is not None:
+            await batch.add(str(jobs) if isinstance(jobs, Path) else jobs)
+        return await batch.run(output=str(tmp_path / output) if output else None)
 
 
 def read_out(path: Path) -> list[dict[str, Any]]:
@@ -112,3 +122,10 @@ def db_rows(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         return con.execute(sql, args).fetchall()
     finally:
         con.close()
+
+
+def execute(db: Path, sql: str, *args: Any) -> None:
+    con = sqlite3.connect(db)
+    with con:
+        con.execute(sql, args)
+    con.close()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from runner import emulator as emu
-from tests.conftest import db_rows, fast_settings, read_out, run_against, write_jobs
+from tests.conftest import batch_for, db_rows, fast_settings, read_out, run_against, write_jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -176,7 +176,7 @@ async def test_sync_mode_resends_a_request_cut_by_a_crash_and_counts_it(
         con.execute("UPDATE jobs SET state='submitting', finish_seq=NULL, result=NULL WHERE id='a'")
     con.close()
     report = await run_against(e, tmp_path, None, settings=fast_settings(mode="sync"))
-    assert report.exit_code == 0 and report.stats.recovered == 1
+    assert report.exit_code == 0 and report.recovered == 1
     assert e.stats["completions"] == 3
     assert db_rows(tmp_path / "runner.db", "SELECT ambiguous FROM jobs WHERE id='a'") == [(1,)]
 
@@ -184,8 +184,6 @@ async def test_sync_mode_resends_a_request_cut_by_a_crash_and_counts_it(
 async def test_retry_resumes_a_failed_conversation_at_its_failed_turn(
     make_emulator: Any, tmp_path: Path
 ) -> None:
-    from runner.store import Store
-
     e = await make_emulator()
     jobs = write_jobs(tmp_path / "c.jsonl", [CHAT])
     await run_against(e, tmp_path, jobs, output=None)
@@ -201,8 +199,8 @@ async def test_retry_resumes_a_failed_conversation_at_its_failed_turn(
             (emu_canonical(body), json.dumps(json.loads(transcript)[:1])),
         )
     con.close()
-    async with Store.open(str(db)) as store:
-        assert await store.retry(("failed",), None) == 1
+    async with batch_for(e, tmp_path) as batch:
+        assert await batch.retry(("failed",)) == 1
     seen_before = len(e.emulator.messages_seen)
     report = await run_against(e, tmp_path, None)
     assert report.exit_code == 0

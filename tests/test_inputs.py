@@ -10,13 +10,13 @@ import pytest
 from runner.errors import Problem, UsageError
 from runner.inputs import MAX_LINE_BYTES, Spec, read_jobs
 
-URI = "gpt://fold/yandexgpt-lite/latest"
+URI = "yandexgpt-lite/latest"  # a short name is stored without a folder
 
 
 def parse(tmp_path: Path, *lines: str | bytes) -> list[Spec | Problem]:
     p = tmp_path / "jobs.jsonl"
     p.write_bytes(b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\n" for ln in lines))
-    return list(read_jobs(str(p), "fold", URI))
+    return list(read_jobs(str(p), "yandexgpt-lite"))
 
 
 def body(item: Spec | Problem) -> dict:
@@ -44,7 +44,7 @@ def test_messages_shape_and_overrides(tmp_path: Path) -> None:
         "jsonSchema": {"schema": {"type": "object"}},
     }  # fmt: skip
     b = body(parse(tmp_path, json.dumps(line))[0])
-    assert b["modelUri"] == "gpt://fold/yandexgpt/rc"
+    assert b["modelUri"] == "yandexgpt/rc"
     assert b["completionOptions"] == {
         "stream": False, "temperature": 0.5, "maxTokens": "100",
         "reasoningOptions": {"mode": "DISABLED"},
@@ -107,7 +107,7 @@ def test_bad_line_names_line_and_field(
 def test_invalid_utf8_bom_and_truncated_last_line(tmp_path: Path) -> None:
     p = tmp_path / "jobs.jsonl"
     p.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "\xff"}\n{"prompt": "cut')
-    problems = list(read_jobs(str(p), "f", URI))
+    problems = list(read_jobs(str(p), "yandexgpt-lite"))
     assert [(x.line, x.message.split(" ")[0]) for x in problems if isinstance(x, Problem)] == [
         (1, "file"), (2, "invalid"), (3, "not"),
     ]  # fmt: skip
@@ -118,7 +118,7 @@ def test_huge_line_is_reported_without_reading_it_whole(tmp_path: Path) -> None:
     p = tmp_path / "jobs.jsonl"
     with p.open("wb") as f:
         f.write(b'{"prompt": "' + b"a" * (10 * MAX_LINE_BYTES) + b'"}\n{"prompt": "next"}\n')
-    items = list(read_jobs(str(p), "f", URI))
+    items = list(read_jobs(str(p), "yandexgpt-lite"))
     assert (
         isinstance(items[0], Problem) and items[0].line == 1 and "longer than" in items[0].message
     )
@@ -127,9 +127,9 @@ def test_huge_line_is_reported_without_reading_it_whole(tmp_path: Path) -> None:
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no such file"):
-        list(read_jobs(str(tmp_path / "nope.jsonl"), "f", URI))
+        list(read_jobs(str(tmp_path / "nope.jsonl"), "yandexgpt-lite"))
     with pytest.raises(UsageError, match="is a directory"):
-        list(read_jobs(str(tmp_path), "f", URI))
+        list(read_jobs(str(tmp_path), "yandexgpt-lite"))
 
 
 def test_chat_shape_first_turn_body_and_turns(tmp_path: Path) -> None:
@@ -157,3 +157,25 @@ def test_chat_shape_first_turn_body_and_turns(tmp_path: Path) -> None:
 def test_bad_chat_lines(tmp_path: Path, line: str, field: str) -> None:
     [problem] = parse(tmp_path, line)
     assert isinstance(problem, Problem) and problem.field == field
+
+
+def test_a_json_error_is_given_whole_with_line_and_column(tmp_path: Path) -> None:
+    # issue 12.7: "Invalid control character at" was cut mid-sentence
+    [_, problem] = parse(tmp_path, '{"prompt": "ok"}', '{"prompt": "tab\there"}')
+    assert isinstance(problem, Problem)
+    assert problem.message == "not valid JSON: Invalid control character at line 2, column 16"
+
+
+def test_the_folder_is_not_part_of_a_job(tmp_path: Path) -> None:
+    from runner.inputs import expand, model_free
+
+    [short, full] = parse(
+        tmp_path, '{"prompt": "x"}', '{"prompt": "x", "modelUri": "gpt://b1gother/yandexgpt/latest"}'
+    )
+    assert isinstance(short, Spec) and isinstance(full, Spec)
+    assert body(short)["modelUri"] == "yandexgpt-lite/latest"
+    assert json.loads(expand(short.body, "b1gmine"))["modelUri"] == "gpt://b1gmine/yandexgpt-lite/latest"
+    assert expand(full.body, "b1gmine") == full.body  # a URI the user wrote is sent as written
+    # what older versions stored (the folder baked in) is the same job
+    old = short.body.replace('"yandexgpt-lite/latest"', '"gpt://b1gold/yandexgpt-lite/latest"')
+    assert model_free(old) == model_free(short.body)

@@ -47,7 +47,9 @@ def test_status_json_field_by_field(cwd: Path) -> None:
     assert data["usage"]["inputTextTokens"] == sum(r["usage"]["inputTextTokens"] for r in done)
     assert data["cost"]["estimate"] is True and data["cost"]["currency"] == "RUB"
     assert data["cost"]["total"] == pytest.approx(tokens / 1000 * 0.10, abs=1e-4)
-    assert data["submits"] == 40 and data["ambiguousSubmits"] == 0 and data["retries"] == 0
+    assert data["submits"] == 40 and data["ambiguousSubmits"] == 0 and data["faults"] == 0
+    assert data["resubmits"] == 0 and data["staleOutcomes"] == 0
+    assert data["polls"] >= 40 and data["live"] is False and data["outage"] is None
     assert data["oldestRunningAgeSeconds"] is None
     assert data["topErrors"] == [
         {"code": 3, "message": "injected: generation failed", "count": len(failed)}
@@ -64,15 +66,18 @@ def test_jobs_lists_state_attempts_operation_and_error(cwd: Path) -> None:
     make_jobs(cwd / "jobs.jsonl", 6)
     with emulator_process("--op-error-rate", "1") as url:
         invoke(url, "run", "jobs.jsonl")
-    rows = json.loads(
+    listed = json.loads(
         CliRunner().invoke(cli, ["jobs", "--status", "failed", "--limit", "4", "--json"]).output
     )
-    assert len(rows) == 4
+    rows = listed["jobs"]
+    assert len(rows) == 4 and listed["total"] == 6
     first = rows[0]
     assert first["id"] == "j0" and first["state"] == "failed" and first["attempts"] == 1
     assert first["operationId"].startswith("d7q")
     assert first["lastError"] == {"code": 3, "message": "injected: generation failed"}
-    assert "error 3: injected" in CliRunner().invoke(cli, ["jobs"]).output
+    text = CliRunner().invoke(cli, ["jobs", "--limit", "4"]).output
+    assert text.splitlines()[0].startswith("id\tstate")  # a header
+    assert "3: injected" in text and "2 more not shown" in text
 
 
 def test_retry_moves_failed_back_keeps_history_and_output_stays_exact(cwd: Path) -> None:
@@ -106,7 +111,8 @@ def test_cancel_pending_only(cwd: Path) -> None:
         code, _ = invoke(url, "run", "jobs.jsonl")
     assert code == 3
     r = CliRunner().invoke(cli, ["cancel", "--pending-only", "--json"])
-    assert json.loads(r.output) == {"cancelledPending": 5, "cancelledRunning": 0, "leftRunning": 0}
+    assert json.loads(r.output) == {"cancelledPending": 5, "cancelledRunning": 0,
+                                    "finishedRunning": 0, "leftRunning": 0}  # fmt: skip
     data = json.loads(CliRunner().invoke(cli, ["status", "--json"]).output)
     assert data["cancelled"] == 5 and data["pending"] == 0
     lines = [
@@ -133,6 +139,7 @@ def test_cancel_asks_the_server_to_cancel_running_operations(cwd: Path) -> None:
         assert json.loads(output) == {
             "cancelledPending": 0,
             "cancelledRunning": 8,
+            "finishedRunning": 0,
             "leftRunning": 0,
         }
         assert emulator_stats(url)["cancels"] == 8
@@ -149,7 +156,7 @@ def test_dry_run_sends_nothing_and_stores_nothing(cwd: Path) -> None:
     assert (plan["jobs"], plan["new"], plan["known"]) == (30, 30, 0)
     assert plan["models"] == {"yandexgpt-lite": 30}
     chars = sum(len(f"prompt number {i}") for i in range(30))
-    assert plan["estimatedInputTokens"] == round(chars / 3.5)
+    assert plan["inputTokens"] == round(chars / 3.5)
     assert plan["cost"]["estimate"] is True
     assert list(cwd.iterdir()) == [cwd / "jobs.jsonl"]  # no database, no lock file
 

@@ -52,7 +52,7 @@ def test_second_runner_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path: 
 
 GOOD = '{"id": "a", "prompt": "stored already"}\n'
 BAD_FILES: list[tuple[str, bytes, str]] = [
-    ("not json", b"{nope\n", "bad.jsonl:1: not valid JSON at column 2"),
+    ("not json", b"{nope\n", "bad.jsonl:1: not valid JSON: Expecting property name enclosed in double quotes at line 1, column 2"),
     ("truncated last line", b'{"prompt": "ok"}\n{"prompt": "cut', "truncated"),
     ("array", b"[1, 2]\n", "expected a JSON object"),
     ("missing prompt", b'{"id": "x"}\n', "[prompt]"),

@@ -12,7 +12,7 @@ import pytest
 
 from runner import emulator as emu
 from runner.errors import InputError, StoreError
-from tests.conftest import Emu, db_rows, read_out, run_against, write_jobs
+from tests.conftest import Emu, batch_for, db_rows, execute, read_out, run_against, write_jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +32,7 @@ def expected_text(tmp_path: Path, job_id: str) -> str:
 async def test_every_shape_runs_and_results_join_by_id(emulator: Emu, tmp_path: Path) -> None:
     jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
     report = await run_against(emulator, tmp_path, jobs)
-    assert report.exit_code == 0 and report.added == 3
+    assert report.exit_code == 0 and report.counts["done"] == 3
     lines = {r["id"]: r for r in read_out(tmp_path / "out.jsonl")}
     assert set(lines) == {"q1", "q2", "line-3"}
     for job_id, line in lines.items():
@@ -51,8 +51,11 @@ async def test_second_run_submits_nothing_and_writes_nothing(emulator: Emu, tmp_
     jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
     await run_against(emulator, tmp_path, jobs)
     before = (tmp_path / "out.jsonl").read_bytes()
-    report = await run_against(emulator, tmp_path, jobs)
-    assert (report.added, report.known) == (0, 3)
+    async with batch_for(emulator, tmp_path) as batch:
+        added = await batch.add(str(jobs))
+        report = await batch.run(output=tmp_path / "out.jsonl")
+    assert (added.added, added.known) == (0, 3)
+    assert report.this_run["submits"] == 0
     assert emulator.stats["submits"] == 3
     assert (tmp_path / "out.jsonl").read_bytes() == before
 
@@ -111,7 +114,7 @@ async def test_resume_polls_running_resends_submitting_and_skips_done(
     keys = seed_crash_state(tmp_path)
     submits_before = e.stats["submits"]
     report = await run_against(e, tmp_path, None)
-    assert report.exit_code == 0
+    assert report.exit_code == 0 and report.recovered == 1
     # q1 (pending) and q2 (submitting: ambiguous) are sent; line-3 (running) is only polled
     assert e.stats["submits"] - submits_before == 2
     assert (
@@ -160,13 +163,6 @@ async def refused_untouched(e: Emu, tmp_path: Path, jobs: Path | None, match: st
     with pytest.raises(StoreError, match=match):
         await run_against(e, tmp_path, jobs)
     assert db.read_bytes() == before
-
-
-def execute(db: Path, sql: str) -> None:
-    con = sqlite3.connect(db)
-    with con:
-        con.execute(sql)
-    con.close()
 
 
 async def test_foreign_and_newer_databases_are_refused_untouched(

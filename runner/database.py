@@ -1,0 +1,227 @@
+"""The SQLite file: refusing files runner must not touch, opening, transactions, the run lock.
+
+``Database.open`` first inspects the file read-only, so a corrupt file, a foreign database or
+one from a newer runner is refused without a byte changed, then switches to WAL with
+``synchronous=FULL`` and applies the migrations. FULL costs one fsync per commit; at the quota's
+pace (tens of commits a second at most) that is cheap, and it means a committed operation id
+survives a power cut, not only a kill -9.
+
+All writes go through one connection guarded by one lock, in explicit ``BEGIN IMMEDIATE``
+transactions; the modules that own a table (``queue``, ``ingest``, ``output``) say how its rows
+change, this one only how a transaction is held. ``RunLock`` is an ``flock`` on a side file,
+so the kernel releases it when a process dies and a killed run never blocks the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from runner import migrations
+from runner.errors import StorageError, StoreError, UsageError
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_path(path: str) -> None:
+    """A database path the user can be told about in one line, before anything is created."""
+    if os.path.isdir(path):
+        raise StoreError(f"{path}: is a directory, not a database")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--db {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--db {path}: directory {parent} is not writable")
+
+
+def must_exist(path: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such database; run `runner run JOBS.jsonl --db {path}` first")
+
+
+def inspect_file(path: str) -> None:
+    """Refuse a file we must not touch, without modifying it."""
+    check_path(path)
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return  # an empty file is a new database
+    if head != SQLITE_MAGIC:
+        raise StoreError(f"{path}: not an SQLite database; give another --db path")
+    known = migrations.newest()
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if tables and "runner_migrations" not in tables:
+                raise StoreError(
+                    f"{path}: an SQLite database that runner did not create "
+                    f"(tables: {', '.join(sorted(tables)[:5])}); give another --db path"
+                )
+            if tables:
+                top = con.execute("SELECT MAX(number) FROM runner_migrations").fetchone()[0]
+                if top is not None and top > known:
+                    raise StoreError(
+                        f"{path}: written by a newer runner (schema {top}, this one knows "
+                        f"{known}); upgrade runner to use it"
+                    )
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path}: unreadable SQLite database ({e}); give another --db path") from e
+
+
+def storage_error(e: BaseException) -> bool:
+    """Errors of the disk or of SQLite's file, as opposed to bugs in a statement."""
+    if isinstance(e, OSError):
+        return True
+    if isinstance(e, sqlite3.OperationalError):
+        text = str(e)
+        return any(
+            s in text
+            for s in ("locked", "busy", "disk", "full", "I/O", "readonly", "unable to open")
+        )
+    return isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.IntegrityError)
+
+
+class Database:
+    def __init__(self, con: aiosqlite.Connection, path: str) -> None:
+        self.con = con
+        self.path = path
+        self._lock = anyio.Lock()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: str) -> AsyncIterator[Database]:
+        inspect_file(path)
+        if not os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        con = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            con.row_factory = aiosqlite.Row
+            await con.execute("PRAGMA busy_timeout = 10000")
+            await con.execute("PRAGMA journal_mode = WAL")
+            await con.execute("PRAGMA synchronous = FULL")
+            await con.create_function("uuid4", 0, lambda: str(uuid.uuid4()), deterministic=False)
+            db = cls(con, path)
+            try:
+                await migrations.migrate(db)
+            except sqlite3.DatabaseError as e:
+                if storage_error(e):
+                    raise StorageError(f"cannot write {path}: {e}; free space and rerun") from e
+                raise
+            yield db
+        finally:
+            await con.close()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            await self.con.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.con
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.con.execute("ROLLBACK")
+                raise
+            else:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.con.execute("COMMIT")
+                    except BaseException:
+                        with contextlib.suppress(sqlite3.Error):
+                            await self.con.execute("ROLLBACK")
+                        raise
+
+    async def rows(self, sql: str, *args: Any) -> list[aiosqlite.Row]:
+        cur = await self.con.execute(sql, args)
+        return list(await cur.fetchall())
+
+    async def row(self, sql: str, *args: Any) -> aiosqlite.Row | None:
+        cur = await self.con.execute(sql, args)
+        return await cur.fetchone()
+
+    async def value(self, sql: str, *args: Any) -> Any:
+        found = await self.row(sql, *args)
+        return None if found is None else found[0]
+
+    # -- small shared facts (run_state) ------------------------------------------------------
+
+    async def set_state(self, key: str, value: Any | None) -> None:
+        async with self.transaction() as con:
+            if value is None:
+                await con.execute("DELETE FROM run_state WHERE key = ?", (key,))
+            else:
+                await con.execute(
+                    "INSERT INTO run_state (key, value, at) VALUES (?, ?, ?) ON CONFLICT (key) "
+                    "DO UPDATE SET value = excluded.value, at = excluded.at",
+                    (key, json.dumps(value), time.time()),
+                )
+
+    async def get_state(self, key: str) -> Any | None:
+        raw = await self.value("SELECT value FROM run_state WHERE key = ?", key)
+        return None if raw is None else json.loads(raw)
+
+
+class RunLock:
+    """An exclusive lock on a database for one live writer, released by the kernel on death."""
+
+    def __init__(self, db_path: str) -> None:
+        self.path = db_path + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        self_db = self.path[:-5]
+        check_path(self_db)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise UsageError(f"--db {self_db}: cannot create {self.path} ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(
+                f"another runner (pid {holder}) is using {self_db}; wait for it to finish or "
+                "stop it, then run again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def held(db_path: str) -> bool:
+        """Whether a live process holds the lock (without taking it for longer than a probe)."""
+        path = db_path + ".lock"
+        if not os.path.exists(path):
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False

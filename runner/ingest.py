@@ -1,0 +1,132 @@
+"""Adding jobs: a whole file (or list) is checked and stored in one transaction, or not at all.
+
+Specs are staged in a temporary table in batches (parsed in a worker thread while SQLite inserts
+the previous batch, so the two cores work at once), then checked in SQL: ids repeated within the
+input, and ids already stored with different content. Content is compared without the model's
+folder (``inputs.model_free``), so rerunning a file from a shell with another ``YC_FOLDER_ID``
+is the same batch. Any problem rolls everything back and is reported with file, line and field,
+the first 50 of each kind with a count of the rest; otherwise the new jobs are inserted and the
+known ones skipped. A dry run does all of this and rolls back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import anyio
+
+from runner.database import Database
+from runner.errors import InputError, Problem
+from runner.inputs import Spec, model_free
+
+MAX_REPORTED = 50
+BATCH = 5000
+
+
+@dataclass(frozen=True)
+class Added:
+    added: int
+    known: int
+
+
+class _RollBack(Exception):
+    def __init__(self, added: Added) -> None:
+        self.added = added
+
+
+async def ingest(
+    db: Database, path: str, specs: Iterable[Spec | Problem], dry_run: bool = False
+) -> Added:
+    """Add the jobs atomically; raises ``InputError`` listing the problems, storing nothing."""
+    try:
+        return await _ingest(db, path, specs, dry_run)
+    except _RollBack as done:
+        return done.added
+
+
+async def _ingest(
+    db: Database, path: str, specs: Iterable[Spec | Problem], dry_run: bool
+) -> Added:
+    problems: list[Problem] = []
+    extra = 0
+    staged = 0
+    items = iter(specs)
+
+    def take() -> list[tuple[int, str, str, str | None]]:
+        nonlocal extra
+        rows: list[tuple[int, str, str, str | None]] = []
+        for item in items:
+            if isinstance(item, Problem):
+                if len(problems) < MAX_REPORTED:
+                    problems.append(item)
+                else:
+                    extra += 1
+                continue
+            rows.append((item.line, item.id, item.body, item.turns))
+            if len(rows) >= BATCH:
+                break
+        return rows
+
+    await db.con.create_function("model_free", 1, model_free, deterministic=True)
+    async with db.transaction() as con:
+        await con.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS staging (line INTEGER, id TEXT, body TEXT, turns TEXT)"
+        )
+        await con.execute("DELETE FROM staging")
+        batch = await anyio.to_thread.run_sync(take)
+        while batch:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(con.executemany, "INSERT INTO staging VALUES (?, ?, ?, ?)", batch)
+                following = await anyio.to_thread.run_sync(take)
+            staged += len(batch)
+            batch = following
+        await con.execute("CREATE INDEX IF NOT EXISTS temp.staging_id ON staging (id, line)")
+        duplicate = (
+            "FROM staging s WHERE EXISTS (SELECT 1 FROM staging o WHERE o.id = s.id "
+            "AND o.line < s.line)"
+        )
+        changed = (
+            "FROM staging s JOIN jobs j ON j.id = s.id WHERE j.turns IS NOT s.turns OR "
+            "(COALESCE(j.origin, j.body) != s.body "
+            "AND model_free(COALESCE(j.origin, j.body)) != model_free(s.body))"
+        )
+        before = len(problems)
+        for line, job_id, first in await db.rows(
+            "SELECT s.line, s.id, (SELECT MIN(line) FROM staging f WHERE f.id = s.id) "
+            f"{duplicate} ORDER BY s.line LIMIT ?",
+            MAX_REPORTED,
+        ):
+            problems.append(
+                Problem(path, line, "id", f"duplicate id {job_id!r} (first on line {first})")
+            )
+        for line, job_id, old_line in await db.rows(
+            f"SELECT s.line, s.id, j.line {changed} ORDER BY s.line LIMIT ?", MAX_REPORTED
+        ):
+            problems.append(
+                Problem(
+                    path, line, "id",
+                    f"job {job_id!r} is already in the database (from line {old_line}) with "
+                    "different content; give it a new id or use another --db",
+                )
+            )  # fmt: skip
+        if problems:
+            dups = await db.value(f"SELECT COUNT(*) {duplicate}")
+            changes = await db.value(f"SELECT COUNT(*) {changed}")
+            shown = len(problems) - before
+            extra += max(0, int(dups) + int(changes) - shown)
+            problems.sort(key=lambda p: p.line)
+            extra += max(0, len(problems) - MAX_REPORTED)
+            raise InputError(problems[:MAX_REPORTED], extra)
+        cur = await con.execute(
+            "INSERT INTO jobs (id, line, body, turns, origin, model) "
+            "SELECT id, line, body, turns, CASE WHEN turns IS NULL THEN NULL ELSE body END, "
+            "json_extract(body, '$.modelUri') "
+            "FROM staging s "
+            "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = s.id) ORDER BY s.rowid"
+        )
+        added = Added(cur.rowcount, staged - cur.rowcount)
+        await con.execute("DELETE FROM staging")
+        if dry_run:
+            raise _RollBack(added)
+    return added

@@ -1,0 +1,133 @@
+"""How fast to go: request slots under a per-second rate and an hourly window.
+
+A ``Pacer`` hands out slots one at a time under a lock, so waiters leave one slot apart and a
+pause never ends in a thundering herd. Two limits hold at once: a per-second rate, halved on
+a 429 and recovering linearly with the time that passes without one (never by a single lucky
+success), with ``Retry-After`` pausing everyone; and, for submits, an hourly window of at most
+``per_hour`` slots in any ``hour`` seconds (a rolling window: the safest of the shapes a server
+may use, since the contract does not say).
+
+The window is rebuilt from the ledger when a run starts (``seed``), so a restart inside the hour
+does not send into a full quota, and only requests the server may have accepted stay in it: a
+slot whose request was answered 429 or 5xx, or never connected, is handed back (``refund``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Iterable
+
+import anyio
+
+
+class Pacer:
+    def __init__(
+        self,
+        rate: float,
+        per_hour: int | None = None,
+        hour: float = 3600.0,
+        *,
+        ramp: float = 10.0,
+        floor: float = 0.05,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
+        self.limit = rate
+        self.per_hour = per_hour
+        # 1% longer than the server's hour: our stamps are taken before the request travels,
+        # the server's after, so an exact window would free a slot a little early
+        self.hour = hour * 1.01
+        self.ramp = ramp  # seconds without a 429 to climb from nothing back to the limit
+        self.floor = min(floor, rate)
+        self.clock = clock
+        self._base = rate  # the rate right after the last 429
+        self._since = -math.inf  # when that was
+        self._next = 0.0
+        self._paused_until = 0.0
+        self._stamps: list[float] = []  # sorted slot times still inside the window
+        self._lock = anyio.Lock()
+        self.throttled = 0
+
+    @property
+    def rate(self) -> float:
+        return self.rate_at(self.clock())
+
+    def rate_at(self, now: float) -> float:
+        climbed = self._base + self.limit * (now - self._since) / self.ramp
+        return max(self.floor, min(self.limit, climbed))
+
+    def seed(self, stamps: Iterable[float]) -> None:
+        """Slots taken before this process started (monotonic times), e.g. from the ledger."""
+        self._stamps = sorted([*self._stamps, *stamps])
+
+    def _prune(self, at: float) -> None:
+        cut = bisect.bisect_right(self._stamps, at - self.hour)
+        if cut:
+            del self._stamps[:cut]
+
+    def _earliest(self, now: float) -> float:
+        at = max(now, self._next, self._paused_until)
+        if self.per_hour is not None:
+            self._prune(at)
+            if len(self._stamps) >= self.per_hour:
+                at = max(at, self._stamps[len(self._stamps) - self.per_hour] + self.hour)
+        return at
+
+    def left(self) -> int:
+        """Slots the hourly window has free right now (a large number without a window)."""
+        if self.per_hour is None:
+            return 1 << 30
+        self._prune(self.clock())
+        return max(0, self.per_hour - len(self._stamps))
+
+    async def room(self) -> int:
+        """Wait until a slot could be had, without taking it; returns how many the hourly
+        window has left (so a caller can claim no more work than it can send soon)."""
+        # a deadline that a 429 may push later, re-read after each sleep; not a handoff
+        while (at := self._earliest(self.clock())) > self.clock():  # noqa: ASYNC110
+            await anyio.sleep(at - self.clock())
+        return self.left()
+
+    def horizon(self, n: int) -> float:
+        """Seconds until ``n`` more slots could have been handed out, at the current pace.
+
+        An estimate, without waiting: the per-second pace, and for the hourly window the free
+        room now, then a full window's worth each time the oldest slots roll out.
+        """
+        if n <= 0:
+            return 0.0
+        now = self.clock()
+        t = max(0.0, self._paused_until - now) + n / self.rate_at(now)
+        if self.per_hour is not None:
+            self._prune(now)
+            room = self.per_hour - len(self._stamps)
+            if n > room:
+                oldest = self._stamps[0] if self._stamps else now
+                windows = math.ceil((n - room) / self.per_hour)
+                t = max(t, oldest + self.hour - now + (windows - 1) * self.hour)
+        return t
+
+    async def slot(self) -> float:
+        """Wait for a slot and take it; returns its stamp (to ``refund`` it)."""
+        async with self._lock:
+            while (at := self._earliest(self.clock())) > self.clock():  # noqa: ASYNC110
+                await anyio.sleep(at - self.clock())
+            self._next = at + 1.0 / self.rate_at(at)
+            if self.per_hour is not None:
+                bisect.insort(self._stamps, at)
+            return at
+
+    def refund(self, stamp: float) -> None:
+        """The request never counted (429, 5xx, not connected): free its hourly slot."""
+        i = bisect.bisect_left(self._stamps, stamp)
+        if i < len(self._stamps) and self._stamps[i] == stamp:
+            del self._stamps[i]
+
+    def throttle(self, retry_after: float | None) -> None:
+        """A 429: halve the pace and, if the server said how long, pause everyone that long."""
+        self.throttled += 1
+        now = self.clock()
+        self._base = max(self.floor, self.rate_at(now) / 2)
+        self._since = now
+        pause = retry_after if retry_after is not None else 1.0 / self._base
+        self._paused_until = max(self._paused_until, now + min(pause, 3600.0))
