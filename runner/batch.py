@@ -91,6 +91,8 @@ class Batch:
         resubmit_stuck: bool = False,
         context_budget: int = 32768,
         max_outage: float | None = None,
+        retention: float = 3 * 24 * 3600.0,
+        storage_patience: float = 60.0,
         prices: dict[str, float] | None = None,
         progress: Callable[[Snapshot], None] | None = None,
         progress_interval: float = 10.0,
@@ -110,6 +112,7 @@ class Batch:
             sync_concurrency=q.sync_concurrency, quota_window=q.hour, mode=mode,
             max_faults=max_faults, max_resubmits=max_resubmits, op_deadline=op_deadline,
             resubmit_stuck=resubmit_stuck, context_budget=context_budget, max_outage=max_outage,
+            retention=retention, storage_patience=storage_patience,
         )  # fmt: skip
         self.mode = self.settings.mode  # given settings (benchmarks, tests) keep their own
         self.endpoints = connect.Endpoints(llm_url, operation_url, emulator)
@@ -198,6 +201,16 @@ class Batch:
     async def _models(self, db: Database) -> set[str]:
         return {str(m) for (m,) in await db.rows("SELECT DISTINCT model FROM jobs") if m}
 
+    async def check_output(self, path: str | os.PathLike[str]) -> None:
+        """Refuse an output file runner may not write (``UsageError``), changing nothing."""
+        if os.path.exists(self.path):
+            await output.OutputFile(await self._open(), os.fspath(path), self.jobs_path).verify()
+        else:
+            output.check_target(os.fspath(path), self.path, self.jobs_path)
+            if os.path.exists(path) and os.path.getsize(path) > 0:
+                raise UsageError(f"-o {os.fspath(path)}: the file exists and runner has no "
+                                 f"record of writing it for {self.path}; give a new -o path")  # fmt: skip
+
     def credentials(self) -> Credentials:
         """The credentials a run would use; ``UsageError`` if there are none."""
         return connect.credentials(*self._creds, emulator=self.endpoints.emulator)
@@ -240,7 +253,8 @@ class Batch:
             creds = self.credentials()
             async with connect.connect(creds, self.endpoints, db.path, self.request_timeout) as client:
                 writer = Writer(queue, out, budget=self.settings.context_budget,
-                                on_applied=lambda _: None, batch_window=self.settings.batch_window)  # fmt: skip
+                                on_applied=lambda _: None, batch_window=self.settings.batch_window,
+                                patience=self.settings.storage_patience)  # fmt: skip
                 sch = Scheduler(queue, client, writer, self.settings, creds.folder_id, outstanding)
                 sch.listener = notify
                 interrupted = await self._drive(sch, writer, counts)
@@ -281,6 +295,7 @@ class Batch:
                 outer.start_soon(writer.run)
                 try:
                     async with anyio.create_task_group() as workers:
+                        writer.on_fatal = workers.cancel_scope.cancel
                         await sch.run(workers)
                         workers.start_soon(until_done, workers)
                         if self.handle_signals:
@@ -466,6 +481,10 @@ def run(
     async def main() -> list[Result]:
         async with Batch(db, **options) as batch:
             items = jobs if isinstance(jobs, str | os.PathLike) else list(jobs)
+            if isinstance(items, str | os.PathLike):
+                batch.jobs_path = os.fspath(items)
+            if output is not None:
+                await batch.check_output(output)
             await batch.add(items)
             await batch.run(output=output)
             ids = None if isinstance(items, str | os.PathLike) else _ids(items)

@@ -169,6 +169,10 @@ def dump(data: Any) -> None:
 @click.option("--resubmit-stuck", is_flag=True, help="Resubmit operations past --op-deadline instead.")
 @click.option("--max-outage", type=Duration(),
               help="Stop (exit 4) once the API has been unreachable this long (default: wait).")
+@click.option("--retention", default="3d", hidden=True, type=Duration(),
+              help="How long the server keeps results; a 404 for a younger operation stops the run.")
+@click.option("--storage-patience", default=60.0, hidden=True, type=click.FloatRange(min=0),
+              help="Seconds of failing database writes before the run stops (exit 5).")
 @click.option("--context-budget", default=32768, show_default=True, type=click.IntRange(min=1),
               help="Tokens a chat turn may need; a longer conversation stops before the API refuses it.")
 @click.option("--dry-run", is_flag=True, help="Validate, count and price JOBS; store and send nothing.")
@@ -215,8 +219,11 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
                 if not jobs:
                     raise click.UsageError("--dry-run needs a JOBS file")
                 return await batch.plan(jobs, exact=exact)
-            if jobs:
-                batch.credentials()  # missing credentials: say so before storing anything
+            if jobs:  # whatever would refuse the run refuses it before anything is stored
+                batch.credentials()
+                batch.jobs_path = jobs
+            if output:
+                await batch.check_output(output)
             added = await batch.add(jobs) if jobs else None
             if tty and not q:
                 from rich.console import Console

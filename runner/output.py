@@ -131,8 +131,9 @@ class OutputFile:
         self.key = os.path.realpath(path)
         self.jobs_path = jobs_path
 
-    async def open(self) -> None:
-        """Make the file agree with the database, or refuse it untouched."""
+    async def verify(self) -> tuple[int, int, str]:
+        """Whether runner may write this file: (last_seq, size, tail) to continue from, or
+        ``UsageError`` with the file untouched. Changes nothing, so it can go first."""
         check_target(self.path, self.db.path, self.jobs_path)
         row = await self.db.row(
             "SELECT last_seq, size, tail, kind FROM outputs WHERE path = ?", self.key
@@ -148,13 +149,19 @@ class OutputFile:
             if size > 0:
                 log.warning("%s: rebuilding it from the database (it is shorter than runner "
                             "wrote, or was an export)", self.path)  # fmt: skip
-            last_seq, recorded, tail = 0, 0, ""
-        elif recorded and await anyio.to_thread.run_sync(_fingerprint, self.path, recorded) != tail:
+            return 0, 0, ""
+        if recorded and await anyio.to_thread.run_sync(_fingerprint, self.path, recorded) != tail:
             raise UsageError(
                 f"-o {self.path}: the file changed since runner last wrote it (edited by hand?); "
                 "move it away or give another -o path, then rerun: every result is in the "
                 "database and a new file is written in full"
             )
+        return last_seq, recorded, tail
+
+    async def open(self) -> None:
+        """Make the file agree with the database, or refuse it untouched."""
+        last_seq, recorded, tail = await self.verify()
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else -1
         if size > recorded and recorded:
             log.warning("%s: cut %d bytes after the last committed line (an interrupted "
                         "write, or lines added by hand)", self.path, size - recorded)  # fmt: skip

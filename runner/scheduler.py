@@ -77,6 +77,7 @@ class Settings:
     probe_first: float = 1.0
     probe_max: float = 120.0
     context_budget: int = 32768  # tokens a chat's next turn may need (history + answer)
+    storage_patience: float = 60.0  # seconds of failing commits before the run stops
     batch_window: float = 0.02
     policy: PollPolicy = field(default_factory=PollPolicy)
 

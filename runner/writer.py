@@ -54,11 +54,15 @@ class Writer:
         self.output = output
         self.budget = budget
         self.on_applied = on_applied
+        self.on_fatal: Callable[[], None] = lambda: None  # stops the workers
         self.batch_window = batch_window
         self.patience = patience
         self.written = 0
         self.trouble: str | None = None  # set while commits are failing
         self.recovered = anyio.Event()
+        self.failed: StorageError | None = None
+        self._db_failed = False
+        self._kept = 0
         send, self._receive = anyio.create_memory_object_stream[Outcome](math.inf)
         self._send: MemoryObjectSendStream[Outcome] = send
 
@@ -92,15 +96,37 @@ class Writer:
                             break
                     await self.flush(batch)
                 raise
+        if self.failed is not None:
+            raise StorageError(self.message())
 
     async def flush(self, batch: list[Outcome]) -> None:
+        """Commit a batch and extend the output; after a storage failure, only keep what
+        costs money to lose (the workers are being stopped meanwhile)."""
         if not batch:
             return
         with anyio.CancelScope(shield=True):
-            applied = await self._commit(batch)
-            if applied.finished and self.output is not None:
-                self.written += await self.output.export()
+            if self._db_failed:
+                self._rescue(batch)
+                return
+            try:
+                applied = await self._commit(batch)
+            except _GaveUp as e:
+                self._db_failed = True
+                self._rescue(batch)
+                self._fail(f"cannot write {self.queue.db.path}: {e.error}")
+                return
+            if applied.finished and self.output is not None and self.failed is None:
+                try:
+                    self.written += await self.output.export()
+                except StorageError as e:
+                    self._fail(str(e))
         self.on_applied(applied)
+
+    def _fail(self, what: str) -> None:
+        if self.failed is None:
+            log.error("%s; stopping", what)
+            self.failed = StorageError(what)  # completed with the rescue count at the end
+            self.on_fatal()
 
     async def _commit(self, batch: list[Outcome]) -> Applied:
         started = time.monotonic()
@@ -114,7 +140,7 @@ class Writer:
                 attempt += 1
                 waited = time.monotonic() - started
                 if waited >= self.patience:
-                    raise self._give_up(batch, e) from e
+                    raise _GaveUp(e) from e
                 if self.trouble is None:
                     log.error("cannot write %s (%s); holding %d outcomes and retrying",
                               self.queue.db.path, e, len(batch))  # fmt: skip
@@ -128,20 +154,30 @@ class Writer:
                 self.recovered.set()
             return applied
 
-    def _give_up(self, batch: list[Outcome], error: Exception) -> StorageError:
-        path = rescue_path(self.queue.db.path)
+    def _rescue(self, batch: list[Outcome]) -> None:
         kept = [o for o in batch if isinstance(o, Submitted | Answered)]
-        where = f"; {len(kept)} operation ids and answers were saved to {path}" if kept else ""
+        if not kept:
+            return
+        path = rescue_path(self.queue.db.path)
         try:
-            if kept:
-                save_rescue(path, kept)
+            save_rescue(path, kept)
+            self._kept += len(kept)
         except OSError as e:
-            where = (f"; {len(kept)} operation ids could not be saved either ({e.strerror}): "
-                     "those jobs count as ambiguous submits on the rerun")  # fmt: skip
-        return StorageError(
-            f"cannot write {self.queue.db.path}: {error}{where}. Every committed state is intact: "
-            "free space (or stop what locks the file) and rerun the same command to resume"
-        )
+            log.error("could not save %d operation ids to %s (%s): those jobs will count as "
+                      "ambiguous submits on the rerun", len(kept), path, e.strerror)  # fmt: skip
+
+    def message(self) -> str:
+        assert self.failed is not None
+        kept = (f"; {self._kept} operation ids and answers that could not be committed were "
+                f"saved to {rescue_path(self.queue.db.path)}, applied on the next start"
+                if self._kept else "")  # fmt: skip
+        return (f"{self.failed}{kept}. Every committed state is intact: free space (or fix what "
+                "blocks the file) and rerun the same command to resume")  # fmt: skip
+
+
+class _GaveUp(Exception):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 # -- the rescue file: outcomes that could not be committed -----------------------------------------

@@ -16,6 +16,11 @@ from typing import Any
 
 from tests.conftest import SENTINEL_KEY
 
+ROOT = Path(__file__).resolve().parent.parent
+# the runner under test is this tree's, unless RUNNER_TREE_UNDER_TEST names another checkout
+# (used to show that a regression test fails on an older commit); the emulator is always ours
+TREE = os.environ.get("RUNNER_TREE_UNDER_TEST", str(ROOT))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -29,7 +34,8 @@ def runner_cmd(*args: str) -> list[str]:
 
 def child_env(url: str | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("YC_", "RUNNER_"))}
-    env.update(YC_API_KEY=SENTINEL_KEY, YC_FOLDER_ID="b1gtestfolder", RUNNER_ZERO_BACKOFF="1")
+    env.update(YC_API_KEY=SENTINEL_KEY, YC_FOLDER_ID="b1gtestfolder", RUNNER_ZERO_BACKOFF="1",
+               PYTHONPATH=TREE)
     if url:
         env.update(RUNNER_LLM_URL=url, RUNNER_OPERATION_URL=url)
     env.update(extra)
@@ -41,7 +47,7 @@ def emulator_process(*args: str) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         runner_cmd("emulator", "--port", str(port), *args),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -71,3 +77,16 @@ def make_jobs(path: Path, n: int) -> Path:
         for i in range(n):
             f.write(json.dumps({"id": f"j{i}", "prompt": f"prompt number {i}"}) + "\n")
     return path
+
+
+def emulator_post(url: str, path: str, body: dict[str, Any]) -> None:
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    urllib.request.urlopen(req, timeout=5).read()
+
+
+def run(args: list[str], cwd: Path, url: str | None = None, timeout: float = 120,
+        **env: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """``runner ARGS`` in a subprocess, to the end; text output."""
+    return subprocess.run(runner_cmd(*args), cwd=cwd, env=child_env(url, **env),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
