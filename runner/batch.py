@@ -93,6 +93,7 @@ class Batch:
         max_outage: float | None = None,
         retention: float = 3 * 24 * 3600.0,
         storage_patience: float = 60.0,
+        probe_max: float = 120.0,
         prices: dict[str, float] | None = None,
         progress: Callable[[Snapshot], None] | None = None,
         progress_interval: float = 10.0,
@@ -112,7 +113,7 @@ class Batch:
             sync_concurrency=q.sync_concurrency, quota_window=q.hour, mode=mode,
             max_faults=max_faults, max_resubmits=max_resubmits, op_deadline=op_deadline,
             resubmit_stuck=resubmit_stuck, context_budget=context_budget, max_outage=max_outage,
-            retention=retention, storage_patience=storage_patience,
+            retention=retention, storage_patience=storage_patience, probe_max=probe_max,
         )  # fmt: skip
         self.mode = self.settings.mode  # given settings (benchmarks, tests) keep their own
         self.endpoints = connect.Endpoints(llm_url, operation_url, emulator)

@@ -49,6 +49,7 @@ class Breaker(Generic[T]):
     interval: float = 0.0
     next_probe_at: float = 0.0
     probing: bool = False
+    probe_at: float = -math.inf  # when the probe in flight was let through
     last_success_sent: float = -math.inf
     streak: list[int] = field(default_factory=list)
     suspects: dict[int, Suspect[T]] = field(default_factory=dict)
@@ -74,7 +75,7 @@ class Breaker(Generic[T]):
             return True
         if self.probing or now < self.next_probe_at:
             return False
-        self.probing = True
+        self.probing, self.probe_at = True, now
         return True
 
     def success(self, sent_at: float, job: int) -> tuple[bool, list[Suspect[T]]]:
@@ -91,7 +92,7 @@ class Breaker(Generic[T]):
 
     def failure(self, now: float, sent_at: float, job: int, error: str) -> Verdict:
         if self.opened_at is not None:
-            if self.probing:
+            if self.probing and sent_at >= self.probe_at:  # the probe, not a straggler
                 self._schedule_probe(now, self.interval * 2)
             return "outage"
         if self.last_success_sent > sent_at:

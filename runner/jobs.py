@@ -147,6 +147,7 @@ class Requeued:
     error: ApiFailure | None = None  # shown as the last error, not charged
     ambiguous: bool = False  # the request may have reached the server (and be billed)
     resubmit: bool = False  # an operation existed and is gone or failed transiently
+    max_faults: int = 0  # with a fault: fail the job instead once its budget is spent
 
 
 @dataclass(frozen=True)

@@ -314,6 +314,14 @@ class Queue:
         elif isinstance(o, Requeued):
             if o.ambiguous:
                 w["ledger"].append((a.rowid, a.fence, row.turn, None, row.submitted_at or b.at, 1))
+            if o.fault is not None and o.max_faults and row.faults + 1 >= o.max_faults:
+                # the budget is counted here, under the write lock, where charges proven late
+                # (``Charged``) are already in: the job's own faults are spent
+                row.faults += 1
+                failure = chat.label(row.chat, o.fault) if row.chat else o.fault
+                self._fail(b, row, failure, o.polls, guard, True, o.ambiguous)
+                return True
+            row.faults += o.fault is not None
             error = o.fault or o.error
             w["requeued"].append((
                 o.next_at, o.polls, int(o.fault is not None), int(o.ambiguous), int(o.resubmit),

@@ -348,11 +348,10 @@ class Scheduler:
                 wait = 0.0 if verdict == "outage" else delay(faults)
                 emit(Requeued(a, now + wait, error=e.failure(), ambiguous=e.maybe_created))
                 return
-        if faults >= self.s.max_faults:  # the job's own fault: "malformed", or proven transient
-            emit(Failed(a, now, e.failure(), charged=True, ambiguous=e.maybe_created))
-        else:
-            emit(Requeued(a, now + delay(faults, retry_after=e.retry_after), fault=e.failure(),
-                          ambiguous=e.maybe_created))  # fmt: skip
+        # the job's own fault ("malformed", or proven transient): the store fails the job when
+        # this spends its budget, counting charges that were proven after it was claimed
+        emit(Requeued(a, now + delay(faults, retry_after=e.retry_after), fault=e.failure(),
+                      ambiguous=e.maybe_created, max_faults=self.s.max_faults))  # fmt: skip
 
     async def _service_up(self) -> bool:
         """Is the LLM host answering? Asked with the tokenizer, which is free."""
