@@ -83,7 +83,7 @@ def estimate(
         name = model_name(uri)
         if name in prices:
             by_model[name] = by_model.get(name, 0.0) + tokens / 1000 * prices[name] * factor
-        elif tokens:
+        else:
             unpriced.append(name)
     return {
         "estimate": True,

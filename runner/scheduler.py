@@ -306,11 +306,13 @@ class Scheduler:
             self.writer.emit(Answered(a, now, completion))
             return
         self.writer.emit(Submitted(a, op_id, now))
+        log.debug("submitted %s (attempt %d) as operation %s", claim.id, a.fence, op_id)
         running = Running(a.running(op_id), now, claim.resubmits)
         self._schedule(running, self.policy.first_wait(self.slack()))
 
     async def _submit_failed(self, claim: Claim, stamp: float, sent: float, e: ApiError) -> None:
         a, now, emit = claim.attempt, time.time(), self.writer.emit
+        log.debug("submit of %s failed (%s): %s", claim.id, e.kind, e.message)
         if not e.maybe_created:
             self.submit_pacer.refund(stamp)  # nothing was accepted: it does not use the quota
         if e.kind == "rate":
@@ -440,6 +442,7 @@ class Scheduler:
         now = time.time()
         age = now - op.submitted_at
         if not state.done:
+            log.debug("operation %s still running at %.1f s", op.operation_id, age)
             if age > self.s.op_deadline:
                 self._gone(op, f"did not finish within {self.s.op_deadline / 3600:g} h "
                            "(--op-deadline)", 4, stuck=True)  # fmt: skip
@@ -448,6 +451,7 @@ class Scheduler:
             elapsed = anyio.current_time() - self._t0
             self._schedule(op, self.policy.next_wait(age, elapsed=elapsed, draining=self.draining))
             return
+        log.debug("operation %s finished after %.1f s (poll %d)", op.operation_id, age, op.polls)
         if op.polls > 1 or age < 2 * self.policy.first:  # not a resumed, long-gone job
             self.policy.observe_done(op.last_miss, age)
         if state.completion is not None:

@@ -1,6 +1,6 @@
 """A local stand-in for the AI Studio text generation API, as a real aiohttp server.
 
-It follows the wire contract (``shared/foundation-models-api.md``): completionAsync returns an
+It follows the wire contract (``docs/api.md``): completionAsync returns an
 Operation; ``GET /operations/{id}`` answers without ``done`` or with ``done: false`` while running,
 then with the response, int64 token counts as strings; cancel answers by long-running-operation
 semantics; the tokenizer counts exactly what a generation reports as ``inputTextTokens``; errors

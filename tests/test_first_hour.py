@@ -1,0 +1,237 @@
+"""The first hour with runner (issue 12): what a new user meets, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from runner.cli import cli
+from tests.conftest import read_out, write_jobs
+from tests.killloop import db_states
+from tests.procs import (
+    child_env,
+    emulator_process,
+    emulator_stats,
+    free_port,
+    make_jobs,
+    run,
+    runner_cmd,
+)  # fmt: skip
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_folder_is_not_part_of_a_jobs_identity(tmp_path: Path) -> None:
+    # 12.1: another YC_FOLDER_ID made every job "already in the database with different content"
+    make_jobs(tmp_path / "jobs.jsonl", 60)
+    with emulator_process() as url:
+        assert run(["run", "jobs.jsonl"], tmp_path, url, YC_FOLDER_ID="b1gfirst").returncode == 0
+        r = run(["run", "jobs.jsonl"], tmp_path, url, YC_FOLDER_ID="b1gsecond")
+        assert r.returncode == 0, r.stderr
+        assert emulator_stats(url)["submits"] == 60
+
+
+def test_when_problems_are_cut_at_50_the_rest_are_counted(tmp_path: Path) -> None:
+    make_jobs(tmp_path / "jobs.jsonl", 60)
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(tmp_path.joinpath("jobs.jsonl").read_text().replace("prompt number", "edited"))
+    with emulator_process() as url:
+        assert run(["run", "jobs.jsonl"], tmp_path, url).returncode == 0
+        r = run(["run", "changed.jsonl"], tmp_path, url)
+    assert r.returncode == 2 and r.stderr.count("different content") == 50
+    assert "... and 10 more problems not shown" in r.stderr
+
+
+def test_the_example_sends_nothing_to_a_folder_that_is_not_the_users() -> None:
+    # 12.2: a line named gpt://b1gexample/...
+    for line in (ROOT / "jobs.example.jsonl").read_text().splitlines():
+        job = json.loads(line)
+        assert "modelUri" not in job and "gpt://" not in line
+
+
+def test_cancel_without_credentials_changes_nothing(tmp_path: Path) -> None:
+    # 12.3: it exited 2 after it had already cancelled the pending jobs
+    make_jobs(tmp_path / "jobs.jsonl", 40)
+    with emulator_process("--latency", "30:40") as url:
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--submit-rps", "10"), cwd=tmp_path,
+                                env=child_env(url), stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while db_states(tmp_path / "runner.db").get("running", 0) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = db_states(tmp_path / "runner.db")
+    assert before.get("pending", 0) > 0 and before.get("running", 0) > 0
+    r = run(["cancel"], tmp_path, YC_API_KEY="")
+    assert r.returncode == 2 and "no credentials" in r.stderr
+    assert db_states(tmp_path / "runner.db") == before
+
+
+def test_verbosity_levels_keep_library_debug_out_unless_asked(tmp_path: Path) -> None:
+    # 12.4: -v turned on DEBUG: 20 jobs gave 1,239 lines, nearly all aiosqlite internals
+    make_jobs(tmp_path / "jobs.jsonl", 20)
+    with emulator_process() as url:
+        one = run(["-v", "run", "jobs.jsonl", "--db", "a.db"], tmp_path, url).stderr
+        two = run(["run", "jobs.jsonl", "--db", "b.db", "-vv"], tmp_path, url).stderr  # after, too
+        three = run(["-vvv", "run", "jobs.jsonl", "--db", "c.db"], tmp_path, url).stderr
+    assert "DEBUG" not in one and len(one.splitlines()) < 20
+    assert "DEBUG runner" in two and "aiosqlite" not in two
+    assert "DEBUG aiosqlite" in three
+
+
+def test_a_db_in_a_missing_directory_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    # 12.5: a traceback and exit 1
+    make_jobs(tmp_path / "jobs.jsonl", 2)
+    for args in (["run", "jobs.jsonl", "--emulator"], ["status"], ["results"]):
+        r = run([*args, "--db", "no/such/dir/runner.db"], tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_the_run_summary_and_status_count_the_same_things(tmp_path: Path) -> None:
+    # 12.6: the summary said "0 ambiguous submits" where status said 15, "0 submits" vs 1,500
+    make_jobs(tmp_path / "jobs.jsonl", 30)
+    with emulator_process("--fault", "submit:reset=0.3", "--fault", "poll:shape=0.2", "--seed", "5") as url:
+        r = run(["run", "jobs.jsonl", "--max-faults", "20"], tmp_path, url)
+    assert r.returncode == 0, r.stderr
+    status = json.loads(run(["status", "--json"], tmp_path).stdout)
+    summary = r.stderr.strip().splitlines()[-1]
+    for name, key in (("submits", "submits"), ("ambiguous", "ambiguousSubmits"),
+                      ("faults", "faults"), ("polls", "polls")):  # fmt: skip
+        assert f" {status[key]} {name}" in summary, (name, summary, status)
+    assert status["ambiguousSubmits"] > 0 and status["submits"] > 30
+
+
+def test_run_writes_outputs_of_a_finished_batch_without_credentials(tmp_path: Path) -> None:
+    make_jobs(tmp_path / "jobs.jsonl", 5)
+    with emulator_process() as url:
+        assert run(["run", "jobs.jsonl"], tmp_path, url).returncode == 0
+    r = run(["run", "-o", "new.jsonl"], tmp_path, YC_API_KEY="")  # nothing left to send
+    assert r.returncode == 0, r.stderr
+    assert len(read_out(tmp_path / "new.jsonl")) == 5
+
+
+def test_an_empty_batch_warns_and_names_its_database(cwd: Path) -> None:
+    (cwd / "empty.jsonl").write_text("")
+    r = CliRunner().invoke(cli, ["run", "empty.jsonl", "--emulator"])
+    assert r.exit_code == 0 and "no jobs in runner.db" in r.output
+    r = CliRunner().invoke(cli, ["run", "--emulator", "--db", "fresh.db"])
+    assert "no jobs in fresh.db" in r.output
+    assert not (cwd / "fresh.db").exists()  # an empty database is not left behind
+
+
+def test_unknown_and_open_weight_models_are_warned_about_and_priced_as_unpriced(cwd: Path) -> None:
+    write_jobs(cwd / "jobs.jsonl", [{"prompt": "a", "model": "yandexgpt-lightt"},
+                                    {"prompt": "b", "model": "llama"}])  # fmt: skip
+    r = CliRunner().invoke(cli, ["run", "jobs.jsonl", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "'yandexgpt-lightt' is not one runner knows" in r.output
+    assert "'llama' is an open-weight model" in r.output
+    assert "unpriced (not in the totals): yandexgpt-lightt" in r.output
+    data = json.loads(CliRunner().invoke(cli, ["run", "jobs.jsonl", "--dry-run", "--json"]).output)
+    assert data["cost"]["unpriced"] == ["yandexgpt-lightt"]
+
+
+def test_the_dry_run_counts_exactly_with_the_tokenizer_and_gives_a_range(cwd: Path) -> None:
+    write_jobs(cwd / "jobs.jsonl", [
+        {"id": "a", "prompt": "Напиши хокку о весеннем дожде.", "completionOptions": {"maxTokens": 100}},
+        {"id": "b", "prompt": "Explain why the sky is blue.", "completionOptions": {"maxTokens": 50}},
+    ])  # fmt: skip
+    r = CliRunner().invoke(cli, ["run", "jobs.jsonl", "--dry-run", "--exact", "--emulator", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.output)
+    assert plan["inputTokensMethod"].startswith("counted by the API's tokenizer")
+    from runner.emulator import count_tokens
+
+    expected = count_tokens("Напиши хокку о весеннем дожде.") + count_tokens("Explain why the sky is blue.")
+    assert plan["inputTokens"] == expected
+    assert plan["answerTokensAtMost"] == 150 and plan["jobsWithoutMaxTokens"] == 0
+    assert not (cwd / "runner.db").exists()
+
+
+def test_check_says_plainly_whether_credentials_folder_and_model_are_right(tmp_path: Path) -> None:
+    with emulator_process("--known-model", "yandexgpt-lite", "--folder", "b1gtestfolder") as url:
+        ok = run(["check"], tmp_path, url)
+        wrong_model = run(["check", "--model", "yandexgpt-lightt"], tmp_path, url)
+        wrong_folder = run(["check", "--folder-id", "b1gother"], tmp_path, url)
+        stats = emulator_stats(url)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK: key, folder, role and model")
+    assert wrong_model.returncode == 3 and "model" in wrong_model.stdout
+    assert wrong_folder.returncode == 3 and "folder" in wrong_folder.stdout
+    assert stats.get("submits", 0) == 0  # nothing was paid for
+
+
+def test_offline_the_progress_line_says_the_api_is_unreachable(tmp_path: Path) -> None:
+    make_jobs(tmp_path / "jobs.jsonl", 3)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--progress-interval", "0.5", "--probe-max", "1"),
+                            cwd=tmp_path, env=child_env(dead), stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "API unreachable since" in err and "cannot connect" in err and "ETA" not in err.split("API unreachable")[-1]
+
+
+def test_the_built_in_emulator_keeps_its_operations_so_a_killed_run_resumes_cleanly(cwd: Path) -> None:
+    make_jobs(cwd / "jobs.jsonl", 30)
+    proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--emulator", "-o", "out.jsonl",
+                                       "--submit-rps", "30"),
+                            cwd=cwd, env=child_env(), stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 20
+    while db_states(cwd / "runner.db").get("running", 0) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = run(["run", "jobs.jsonl", "--emulator", "-o", "out.jsonl"], cwd)
+    assert r.returncode == 0, r.stderr
+    status = json.loads(run(["status", "--json"], cwd).stdout)
+    assert status["resubmits"] == 0 and status["done"] == 30
+    assert len(read_out(cwd / "out.jsonl")) == 30
+
+
+def test_help_names_environment_variables_and_every_option_is_explained() -> None:
+    r = CliRunner().invoke(cli, ["run", "--help"])
+    for env in ("RUNNER_DB", "RUNNER_LLM_URL", "RUNNER_OPERATION_URL", "YC_FOLDER_ID",
+                "RUNNER_IAM_TOKEN_COMMAND"):  # fmt: skip
+        assert env in r.output, env
+    for command in ("run", "status", "jobs", "show", "results", "retry", "cancel", "check"):
+        for param in cli.commands[command].params:  # type: ignore[union-attr]
+            if isinstance(param, __import__("click").Option) and not param.hidden:
+                assert param.help, f"{command} {param.opts}"
+    assert CliRunner().invoke(cli, ["--version"]).output.startswith("runner, version ")
+
+
+def test_show_gives_one_jobs_request_answer_usage_and_attempts(cwd: Path) -> None:
+    write_jobs(cwd / "jobs.jsonl", [{"id": "q1", "prompt": "hello"}])
+    assert CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["show", "q1"])
+    assert r.exit_code == 0
+    assert "answer    [" in r.output and "you said: hello" in r.output and "usage" in r.output
+    assert "attempt 1 (turn 1)" in r.output and "answered" in r.output
+    data = json.loads(CliRunner().invoke(cli, ["show", "q1", "--json"]).output)
+    assert data["request"]["messages"] == [{"role": "user", "text": "hello"}]
+    assert data["operations"][0]["totalTokens"] == data["result"]["usage"]["totalTokens"]
+    assert CliRunner().invoke(cli, ["show", "nope"]).exit_code == 2
+
+
+def test_a_repaired_output_file_is_said_in_the_log(cwd: Path) -> None:
+    make_jobs(cwd / "jobs.jsonl", 3)
+    assert CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator", "-o", "out.jsonl"]).exit_code == 0
+    with (cwd / "out.jsonl").open("a") as f:
+        f.write('{"id": "torn')
+    r = CliRunner().invoke(cli, ["run", "--emulator", "-o", "out.jsonl"])
+    assert r.exit_code == 0 and "cut 12 bytes after the last committed line" in r.output
+    assert len(read_out(cwd / "out.jsonl")) == 3
