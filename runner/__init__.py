@@ -18,10 +18,10 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "Batch": "runner.batch",
-    "Run": "runner.batch",
-    "RunReport": "runner.batch",
+    "Run": "runner.execution",
+    "RunReport": "runner.execution",
     "Quotas": "runner.batch",
-    "run": "runner.batch",
+    "run": "runner.blocking",
     "Result": "runner.jobs",
     "Usage": "runner.jobs",
     "ApiFailure": "runner.jobs",
@@ -42,7 +42,8 @@ __all__ = [
 ]  # fmt: skip
 
 if TYPE_CHECKING:
-    from runner.batch import Batch, Quotas, Run, RunReport, run
+    from runner.batch import Batch, Quotas
+    from runner.blocking import run
     from runner.credentials import Credentials
     from runner.errors import (
         CredentialsError,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
         StorageError,
         UsageError,
     )  # fmt: skip
+    from runner.execution import Run, RunReport
     from runner.jobs import ApiFailure, Result, Usage
 
 

@@ -16,30 +16,27 @@ already running, it runs its own loop in a worker thread, and an interrupt stops
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
 from runner import connect, ingest, output, pricing, reports
 from runner.credentials import Credentials
 from runner.database import Database, RunLock, must_exist
-from runner.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, Interrupted, UsageError
+from runner.errors import UsageError
+from runner.execution import Run, RunReport, execute, first_error
 from runner.inputs import DEFAULT_MODEL, Spec, model_ref, read_jobs, spec_of
 from runner.jobs import Result
-from runner.progress import Snapshot, snapshot
+from runner.progress import Snapshot
 from runner.queue import Queue
-from runner.scheduler import Scheduler, Settings
-from runner.writer import Writer, apply_rescue
+from runner.scheduler import Settings
 
 log = logging.getLogger("runner")
-T = TypeVar("T")
 Jobs = str | os.PathLike[str] | Iterable[str | dict[str, Any]]
 
 
@@ -52,22 +49,6 @@ class Quotas:
     poll_rps: float = 50.0
     sync_concurrency: int = 10
     hour: float = 3600.0  # the hourly window's length (shorter only in compressed-time tests)
-
-
-@dataclass
-class RunReport:
-    counts: dict[str, int]
-    this_run: dict[str, int]  # the status counters' increase during this run
-    recovered: int = 0  # jobs found mid-submit from a killed run, sent again (ambiguous)
-    written: int = 0  # lines appended to the output file
-    throttled: int = 0  # 429 answers this run received (submits and polls)
-    interrupted: bool = False
-
-    @property
-    def exit_code(self) -> int:
-        if self.interrupted:
-            return EXIT_INTERRUPTED
-        return EXIT_SOME_FAILED if self.counts["failed"] else EXIT_OK
 
 
 class Batch:
@@ -148,7 +129,7 @@ class Batch:
             _, others = group.split(lambda e: e is error)
             if others is None and error is not None:
                 return  # falls through: the body's exception propagates unchanged
-            raise _first_error(others or group) from None
+            raise first_error(others or group) from None
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close()
@@ -195,7 +176,7 @@ class Batch:
         items = list(jobs)
         specs = [spec_of(item, i, f"jobs[{i}]", self.model) for i, item in enumerate(items)]
         # a Python item without an id is known by its position, as a JSONL line is by its line
-        fixed = [s if not isinstance(s, Spec) or _has_id(items[s.line]) else
+        fixed = [s if not isinstance(s, Spec) or has_id(items[s.line]) else
                  Spec(s.line, f"item-{s.line}", s.body, s.turns) for s in specs]  # fmt: skip
         return [s if isinstance(s, Spec) else _unline(s) for s in fixed], "jobs"
 
@@ -230,86 +211,9 @@ class Batch:
         self._refuse_while_running("start a second run")
         self._running = True
         try:
-            return await self._execute_locked(out_path, notify)
+            return await execute(self, out_path, notify)
         finally:
             self._running = False
-
-    async def _execute_locked(self, out_path: str | None, notify: Callable[[], None]) -> RunReport:
-        db = await self._open()
-        queue = Queue(db)
-        await apply_rescue(queue, self.settings.context_budget)
-        before = await reports.totals(db)
-        recovered = await queue.recover()
-        counts = await reports.counts(db)
-        out = output.OutputFile(db, out_path, self.jobs_path) if out_path else None
-        written = 0
-        if out is not None:
-            await out.open()
-            written = await out.export()
-        outstanding = counts["pending"] + counts["running"]
-        if not sum(counts.values()):
-            log.warning("no jobs in %s: nothing to do (give a JOBS file to add some)", db.path)
-        interrupted, throttled = False, 0
-        if outstanding:
-            creds = self.credentials()
-            async with connect.connect(creds, self.endpoints, db.path, self.request_timeout) as client:
-                writer = Writer(queue, out, budget=self.settings.context_budget,
-                                on_applied=lambda _: None, batch_window=self.settings.batch_window,
-                                patience=self.settings.storage_patience)  # fmt: skip
-                sch = Scheduler(queue, client, writer, self.settings, creds.folder_id, outstanding)
-                sch.listener = notify
-                interrupted = await self._drive(sch, writer, counts)
-                written, throttled = written + writer.written, sch.stats.throttled
-        after = await reports.totals(db)
-        return RunReport(
-            await reports.counts(db), {k: after[k] - before[k] for k in reports.COUNTERS},
-            recovered, written, throttled, interrupted,
-        )  # fmt: skip
-
-    async def _drive(self, sch: Scheduler, writer: Writer, base: dict[str, int]) -> bool:
-        """Run the scheduler's workers and the writer; True if a signal interrupted it."""
-        interrupted = False
-
-        async def until_done(workers: Any) -> None:
-            await sch.done.wait()
-            workers.cancel_scope.cancel()
-
-        async def signals(workers: Any) -> None:
-            nonlocal interrupted
-            import signal
-
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-                async for _ in received:
-                    log.warning("interrupted: finishing requests on the wire and saving state")
-                    interrupted = True
-                    workers.cancel_scope.cancel()
-                    return
-
-        async def progress() -> None:
-            assert self.progress is not None
-            while True:
-                await anyio.sleep(self.progress_interval)
-                self.progress(await snapshot(sch, base, self.prices))
-
-        try:
-            async with anyio.create_task_group() as outer:
-                outer.start_soon(writer.run)
-                try:
-                    async with anyio.create_task_group() as workers:
-                        writer.on_fatal = workers.cancel_scope.cancel
-                        await sch.run(workers)
-                        workers.start_soon(until_done, workers)
-                        if self.handle_signals:
-                            workers.start_soon(signals, workers)
-                        if self.progress is not None:
-                            workers.start_soon(progress)
-                finally:
-                    writer.close()
-        except BaseExceptionGroup as group:
-            raise _first_error(group) from None
-        if self.progress is not None:
-            self.progress(await snapshot(sch, base, self.prices))
-        return interrupted
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -379,74 +283,7 @@ class Batch:
         return await check(self)
 
 
-class Run:
-    """One run of a batch: ``async for result in run`` as jobs finish, or ``await run``."""
-
-    def __init__(self, batch: Batch, out: str | None) -> None:
-        self.batch, self.out = batch, out
-        self.report: RunReport | None = None
-        self._error: BaseException | None = None
-        self._finished = anyio.Event()
-        self._changed = anyio.Event()
-        self._started = False
-        self._seq: int | None = None
-        self._buffer: deque[Result] = deque()
-
-    def _start(self) -> None:
-        if not self._started:
-            self._started = True
-            self.batch._tg.start_soon(self._main)
-
-    async def _main(self) -> None:
-        db = await self.batch._open()
-        self._seq = int(await db.value("SELECT COALESCE(MAX(finish_seq), 0) FROM jobs") or 0)
-        try:
-            self.report = await self.batch._execute(self.out, self._changed.set)
-        except Exception as e:
-            self._error = e
-        finally:
-            self._finished.set()
-            self._changed.set()
-
-    def __aiter__(self) -> Run:
-        return self
-
-    async def __anext__(self) -> Result:
-        self._start()
-        while not self._buffer:
-            finished = self._finished.is_set()
-            if self._seq is not None and self.batch._db is not None:
-                async for seq, line in output.lines_since(self.batch._db, self._seq):
-                    self._seq = seq
-                    self._buffer.append(Result.from_line(line))
-            if self._buffer:
-                break
-            if finished:
-                self._raise()
-                raise StopAsyncIteration
-            await self._changed.wait()
-            self._changed = anyio.Event()
-        return self._buffer.popleft()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self.report is not None and self.report.interrupted:
-            raise Interrupted("interrupted: state is saved; run the same call again to resume")
-
-    async def wait(self) -> RunReport:
-        self._start()
-        await self._finished.wait()
-        if self._error is not None:
-            raise self._error
-        assert self.report is not None
-        return self.report
-
-    def __await__(self) -> Generator[Any, None, RunReport]:
-        return self.wait().__await__()
-
-
-def _has_id(item: Any) -> bool:
+def has_id(item: Any) -> bool:
     return isinstance(item, dict) and "id" in item
 
 
@@ -454,66 +291,4 @@ def _unline(problem: Any) -> Any:
     """A problem in a Python list is named ``jobs[i]``, without a line number."""
     return type(problem)(problem.path, 0, problem.field, problem.message)
 
-
-def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The error to report from a task group: a RunnerError if there is one."""
-    from runner.errors import RunnerError
-
-    found = group.subgroup(lambda e: isinstance(e, RunnerError))
-    error: BaseException = (found or group).exceptions[0]
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
-
-
-# -- the blocking helper ---------------------------------------------------------------------------
-
-
-def run(
-    jobs: Jobs, db: str | os.PathLike[str] = "runner.db", *,
-    output: str | os.PathLike[str] | None = None, **options: Any,
-) -> list[Result]:  # fmt: skip
-    """Add ``jobs``, run them and return their results in input order. Blocking.
-
-    Calling it again with the same arguments resumes: finished jobs are not sent again.
-    ``options`` are ``Batch``'s keyword arguments (``emulator=True``, ``model=...``, ...).
-    """
-
-    async def main() -> list[Result]:
-        async with Batch(db, **options) as batch:
-            items = jobs if isinstance(jobs, str | os.PathLike) else list(jobs)
-            if isinstance(items, str | os.PathLike):
-                batch.jobs_path = os.fspath(items)
-            if output is not None:
-                await batch.check_output(output)
-            await batch.add(items)
-            await batch.run(output=output)
-            ids = None if isinstance(items, str | os.PathLike) else _ids(items)
-            return await batch.results(ids=ids)
-
-    return blocking(main)
-
-
-def _ids(items: list[str | dict[str, Any]]) -> list[str]:
-    return [str(x["id"]) if _has_id(x) else f"item-{i}" for i, x in enumerate(items)]  # type: ignore[index]
-
-
-def blocking(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run ``fn`` to completion from synchronous code, even inside a running event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        try:
-            return anyio.run(fn)
-        except KeyboardInterrupt:
-            raise Interrupted("interrupted: state is saved; call again to resume") from None
-    # a loop is running in this thread (Jupyter): run ours in a worker thread
-    with anyio.from_thread.start_blocking_portal() as portal:
-        future = portal.start_task_soon(fn)
-        try:
-            result: T = future.result()
-            return result
-        except KeyboardInterrupt:
-            future.cancel()
-            raise Interrupted("interrupted: state is saved; call again to resume") from None
 

@@ -30,7 +30,7 @@ def _fail(e: RunnerError) -> click.ClickException:
 
 
 def call(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    from runner.batch import blocking
+    from runner.blocking import blocking
 
     try:
         return blocking(fn)

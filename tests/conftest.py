@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestServer
 
 from runner import backoff
 from runner import emulator as emu
-from runner.batch import Batch, RunReport
+from runner.batch import Batch
+from runner.execution import RunReport
 from runner.polling import PollPolicy
 from runner.scheduler import Settings
 

@@ -1,0 +1,197 @@
+"""The Python API (issue 13): the same durable batches from a script, a notebook or a pipeline.
+
+The README's "From Python" examples are extracted and run here, each in a fresh directory and a
+fresh interpreter, so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import runner
+from runner.credentials import Credentials
+from tests.conftest import Emu, batch_for, read_out
+from tests.killloop import db_states
+from tests.procs import ROOT, child_env, emulator_process, emulator_stats
+
+pytestmark = pytest.mark.anyio
+
+
+def readme_examples() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_the_readme_python_examples_run(tmp_path: Path, n: int) -> None:
+    examples = readme_examples()
+    assert len(examples) == 4
+    env = {k: v for k, v in child_env().items() if not k.startswith("YC_")}  # as on a fresh machine
+    r = subprocess.run([sys.executable, "-c", examples[n]], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+async def test_results_come_back_in_input_order_and_to_dict_is_the_jsonl_line(
+    emulator: Emu, tmp_path: Path
+) -> None:
+    jobs: list[Any] = [f"prompt {i}" for i in range(12)]
+    jobs[3] = {"id": "named", "prompt": "with an id"}
+    jobs[7] = {"turns": ["first", "second"]}
+
+    def call() -> list[runner.Result]:
+        return runner.run(jobs, db=tmp_path / "r.db", output=tmp_path / "out.jsonl",
+                          llm_url=emulator.url, operation_url=emulator.url)  # fmt: skip
+
+    results = await asyncio.to_thread(call)
+    assert [r.id for r in results] == [
+        "named" if i == 3 else f"item-{i}" for i in range(12)
+    ]
+    lines = {x["id"]: x for x in read_out(tmp_path / "out.jsonl")}
+    for r in results:
+        assert r.ok and r.text and r.usage is not None and r.usage.total_tokens > 0
+        assert r.to_dict() == lines[r.id]  # exactly the line in the output file
+    assert len(results[7].turns or []) == 2
+    again = await asyncio.to_thread(call)  # the same call again resumes: nothing is resent
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in results]
+    assert emulator.stats["submits"] == 13
+
+
+SCRIPT = """
+import sys, runner
+results = runner.run([f"prompt {{i}}" for i in range(40)], db="kernel.db",
+                     llm_url="{url}", operation_url="{url}")
+print("\\n".join(r.id + " " + r.status for r in results))
+"""
+
+
+def test_a_killed_process_resumes_on_the_next_call_paying_for_nothing_twice(tmp_path: Path) -> None:
+    with emulator_process("--latency", "3:5") as url:
+        script = SCRIPT.format(url=url)
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while db_states(tmp_path / "kernel.db").get("running", 0) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # a killed kernel, every operation in flight
+        proc.wait()
+        r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=child_env(),
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        stats = emulator_stats(url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [x for i in range(40) for x in (f"item-{i}", "done")]
+    assert stats["submits"] == 40 and max(stats["submits_per_body"].values()) == 1
+
+
+def test_the_blocking_helper_works_inside_a_running_event_loop(tmp_path: Path) -> None:
+    async def notebook_cell() -> list[runner.Result]:
+        # Jupyter runs cells inside its event loop: a plain call must still work
+        return runner.run(["from a notebook"], db=tmp_path / "nb.db", emulator=True)
+
+    [result] = asyncio.run(notebook_cell())
+    assert result.ok and "from a notebook" in (result.text or "")
+
+
+def test_an_interrupt_becomes_interrupted_and_the_next_call_resumes(tmp_path: Path) -> None:
+    script = textwrap.dedent("""
+        import runner, sys
+        try:
+            runner.run([f"p{i}" for i in range(5)], db="i.db", llm_url=sys.argv[1],
+                       operation_url=sys.argv[1])
+        except runner.Interrupted as e:
+            print("INTERRUPTED:", e)
+            sys.exit(7)
+    """)
+    with emulator_process("--latency", "5:6") as url:
+        proc = subprocess.Popen([sys.executable, "-c", script, url], cwd=tmp_path, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while db_states(tmp_path / "i.db").get("running", 0) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 7, err
+    assert "INTERRUPTED: interrupted: state is saved" in out
+    assert db_states(tmp_path / "i.db") == {"running": 5}  # nothing lost, nothing resent
+
+
+async def test_bad_input_raises_input_error_naming_the_item_and_field(tmp_path: Path) -> None:
+    with pytest.raises(runner.InputError) as info:
+        await asyncio.to_thread(
+            runner.run, ["fine", {"prompt": "x", "temperature": 2}, {"id": 5, "prompt": ""}],
+            db=tmp_path / "bad.db", emulator=True,
+        )  # fmt: skip
+    assert [str(p) for p in info.value.problems] == [
+        "jobs[1] [temperature]: unknown field",
+        "jobs[2] [prompt]: must not be empty",
+    ]
+    assert not (tmp_path / "bad.db").exists()  # nothing was stored
+
+
+async def test_refused_credentials_raise_credentials_error(make_emulator: Any, tmp_path: Path) -> None:
+    e = await make_emulator(reject_tokens=frozenset({"stale"}))
+    with pytest.raises(runner.CredentialsError, match="401"):
+        async with batch_for(e, tmp_path, credentials=Credentials("f", iam_token="stale")) as batch:
+            await batch.add(["hello"])
+            await batch.run()
+
+
+async def test_the_async_batch_yields_results_as_they_finish(make_emulator: Any, tmp_path: Path) -> None:
+    e = await make_emulator(latency=(0.05, 0.5))
+    seen: list[runner.Result] = []
+    snapshots: list[Any] = []
+    async with batch_for(e, tmp_path, progress=snapshots.append, progress_interval=0.05) as batch:
+        await batch.add([{"id": f"j{i}", "prompt": f"p{i}"} for i in range(30)])
+        run = batch.run(output=tmp_path / "out.jsonl")
+        async for result in run:
+            seen.append(result)
+            if len(seen) == 1:  # the first arrives while the others are still running
+                assert (await batch.status())["done"] < 30
+        report = await run
+        status = await batch.status()
+        assert [r.id for r in await batch.results()] == [r.id for r in seen]
+    assert sorted(r.id for r in seen) == sorted(f"j{i}" for i in range(30))
+    assert report.exit_code == 0 and report.this_run["submits"] == 30
+    assert status["done"] == 30 and status["submits"] == 30
+    assert snapshots and snapshots[-1].done == 30
+
+
+async def test_retry_and_cancel_from_python(make_emulator: Any, tmp_path: Path) -> None:
+    e = await make_emulator(op_error_rate=1.0)
+    async with batch_for(e, tmp_path) as batch:
+        await batch.add(["a", "b", "c"])
+        report = await batch.run()
+        assert report.exit_code == 1
+        assert [r.status for r in await batch.results(status="failed")] == ["failed"] * 3
+        assert await batch.retry() == 3
+        assert (await batch.cancel(pending_only=True))["cancelledPending"] == 3
+        assert (await batch.status())["cancelled"] == 3
+
+
+def test_status_is_the_same_as_the_clis(tmp_path: Path) -> None:
+    from tests.procs import run as cli_run
+
+    runner.run(["one", "two"], db=tmp_path / "runner.db", emulator=True)
+
+    async def status() -> dict[str, Any]:
+        async with runner.Batch(tmp_path / "runner.db") as batch:
+            return await batch.status()
+
+    from_python = asyncio.run(status())
+    from_cli = json.loads(cli_run(["status", "--json"], tmp_path).stdout)
+    assert from_python.pop("database") == str(tmp_path / "runner.db")
+    assert from_cli.pop("database") == "runner.db"  # each names it as it was given
+    assert from_python == from_cli and from_cli["done"] == 2
