@@ -36,6 +36,9 @@ CREATE TABLE operations (
     orphan TEXT
 );
 CREATE UNIQUE INDEX operations_id ON operations (operation_id) WHERE operation_id IS NOT NULL;
+-- a synchronous answer has no operation id: it is the answer of its attempt, recorded once
+CREATE UNIQUE INDEX operations_sync ON operations (job, fence)
+    WHERE operation_id IS NULL AND answered_at IS NOT NULL;
 CREATE INDEX operations_sent ON operations (sent_at);
 CREATE INDEX operations_job ON operations (job);
 

@@ -21,7 +21,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiosqlite
@@ -82,6 +82,9 @@ def inspect_file(path: str) -> None:
         finally:
             con.close()
     except sqlite3.DatabaseError as e:
+        if not any(s in str(e) for s in ("not a database", "malformed", "encrypted")):
+            raise StorageError(f"cannot read {path}: {e}; free space (or fix what blocks the "
+                               "file) and rerun the same command") from e  # fmt: skip
         raise StoreError(f"{path}: unreadable SQLite database ({e}); give another --db path") from e
 
 
@@ -96,6 +99,23 @@ def storage_error(e: BaseException) -> bool:
             for s in ("locked", "busy", "disk", "full", "I/O", "readonly", "unable to open")
         )
     return isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.IntegrityError)
+
+
+@contextlib.contextmanager
+def storage_guard(path: str) -> Iterator[None]:
+    """Storage errors (a full disk, a locked or unwritable file) as one ``StorageError``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        if not storage_error(e):
+            raise
+        what = getattr(e, "strerror", None) or str(e)
+        raise StorageError(
+            f"cannot write {path}: {what}. Every committed state is intact: free space (or fix "
+            "what blocks the file) and rerun the same command to resume"
+        ) from e
 
 
 class Database:
@@ -202,8 +222,9 @@ class RunLock:
                 f"another runner (pid {holder}) is using {self_db}; wait for it to finish or "
                 "stop it, then run again"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        with storage_guard(self.path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
 
     def release(self) -> None:

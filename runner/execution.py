@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from runner import connect, output, reports
+from runner.database import storage_error
 from runner.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, Interrupted
 from runner.jobs import Result
 from runner.progress import snapshot
 from runner.queue import Queue
 from runner.scheduler import Scheduler
-from runner.writer import Writer, apply_rescue
+from runner.writer import Writer, apply_rescue, release, reserve
 
 if TYPE_CHECKING:
     from runner.batch import Batch
@@ -57,6 +58,7 @@ async def execute(batch: Batch, out_path: str | None, notify: Callable[[], None]
     db = await batch._open()
     queue = Queue(db)
     await apply_rescue(queue, batch.settings.context_budget)
+    await anyio.to_thread.run_sync(reserve, db.path)  # room for ids a full disk would lose
     before = await reports.totals(db)
     recovered = await queue.recover()
     counts = await reports.counts(db)
@@ -80,6 +82,7 @@ async def execute(batch: Batch, out_path: str | None, notify: Callable[[], None]
             interrupted = await drive(batch, sch, writer, counts)
             written, throttled = written + writer.written, sch.stats.throttled
     after = await reports.totals(db)
+    await anyio.to_thread.run_sync(release, db.path)
     return RunReport(
         await reports.counts(db), {k: after[k] - before[k] for k in reports.COUNTERS},
         recovered, written, throttled, interrupted,
@@ -136,7 +139,7 @@ def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
     """The error to report from a task group: a RunnerError if there is one."""
     from runner.errors import RunnerError
 
-    found = group.subgroup(lambda e: isinstance(e, RunnerError))
+    found = group.subgroup(lambda e: isinstance(e, RunnerError)) or group.subgroup(storage_error)
     error: BaseException = (found or group).exceptions[0]
     while isinstance(error, BaseExceptionGroup):
         error = error.exceptions[0]

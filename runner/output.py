@@ -2,12 +2,13 @@
 
 The database is the truth. Finished jobs carry a ``finish_seq``; for each output file the
 ``outputs`` table records the last sequence number it holds, its byte length and a fingerprint
-of its last bytes. An append is fsynced before that record commits, so after any crash the
-recorded length marks a prefix of whole, committed lines: on the next start anything past it (a
-torn or uncommitted tail) is cut, and said so in the log. A file shorter than recorded is
-rebuilt from the database; a file whose fingerprint no longer matches was edited by hand and is
-refused, as is any non-empty file this database has no record of, or the jobs file itself:
-runner never truncates or overwrites a file it did not write.
+of its whole content (a CRC-32, extended with each append). An append is fsynced before that
+record commits, so after any crash the recorded length marks a prefix of whole, committed lines:
+on the next start anything past it (a torn or uncommitted tail) is cut, and said so in the log.
+Before runner writes to a non-empty file at all, the file must be one it wrote: recorded for
+this database, and its first ``size`` bytes still what runner wrote (the fingerprint). A file
+edited by hand, cut short, replaced, never written by runner, or the jobs file itself is
+refused untouched: runner never truncates or overwrites a file it did not write.
 
 One-off exports (``runner results -o``) are written to a temporary file in the same directory
 and moved into place with ``os.replace``, after everything else was checked. All file I/O and
@@ -18,24 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import logging
 import os
 import tempfile
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiosqlite
 import anyio
 
-from runner.database import Database
+from runner.database import Database, storage_guard
 from runner.errors import StorageError, UsageError
 
 log = logging.getLogger("runner.output")
 
-TAIL_BYTES = 4096
 COLUMNS = "rowid, id, state, result, error, operation_id, attempts, finish_seq, transcript"
 CSV_COLUMNS = (
     "id", "status", "text", "alternativeStatus", "inputTextTokens", "completionTokens",
@@ -51,8 +51,8 @@ def result_line(row: Any) -> dict[str, Any]:
         line.update(json.loads(row["result"]))
     if row["error"]:
         line["error"] = json.loads(row["error"])
-        if row["transcript"]:  # a failed chat keeps the turns it paid for
-            line["turns"] = json.loads(row["transcript"])
+    if row["transcript"] and row["state"] != "done":  # a failed or cancelled chat's paid turns
+        line["turns"] = json.loads(row["transcript"])
     line["operationId"] = row["operation_id"]
     line["attempts"] = row["attempts"]
     return line
@@ -82,11 +82,30 @@ async def lines_since(
 
 
 def _fingerprint(path: str, size: int) -> str:
-    if size <= 0:
-        return ""
+    """The CRC-32 of the first ``size`` bytes (the whole of what runner wrote), as text."""
+    crc, left = 0, size
     with open(path, "rb") as f:
-        f.seek(max(0, size - TAIL_BYTES))
-        return hashlib.sha256(f.read(min(size, TAIL_BYTES))).hexdigest()
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                return "short"
+            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    return f"crc32:{crc:08x}"
+
+
+def _extend(fingerprint: str, data: bytes) -> str:
+    crc = int(fingerprint.split(":")[1], 16) if fingerprint.startswith("crc32:") else 0
+    return f"crc32:{zlib.crc32(data, crc):08x}"
+
+
+def pwrite_all(fd: int, data: bytes, at: int) -> None:
+    """pwrite may write less than asked (a filling disk): write the rest, or fail."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        if n <= 0:
+            raise OSError(28, "No space left on device")
+        view, at = view[n:], at + n
 
 
 def _same(a: str, b: str) -> bool:
@@ -118,8 +137,9 @@ def _storage(path: str, e: OSError) -> StorageError:
 
 
 async def invalidate(con: aiosqlite.Connection) -> None:
-    """Mark every run output for a rebuild (results changed after they were written)."""
-    await con.execute("UPDATE outputs SET last_seq = 0, size = 0, tail = '' WHERE kind = 'run'")
+    """Mark every run output for a rebuild (results changed after they were written). What
+    runner wrote stays recorded, so the file is still checked to be runner's before the rebuild."""
+    await con.execute("UPDATE outputs SET last_seq = -1 WHERE kind = 'run'")
 
 
 class OutputFile:
@@ -139,23 +159,27 @@ class OutputFile:
             "SELECT last_seq, size, tail, kind FROM outputs WHERE path = ?", self.key
         )
         size = os.path.getsize(self.path) if os.path.exists(self.path) else -1
-        last_seq, recorded, tail = (row[0], row[1], row[2]) if row else (0, 0, "")
-        if size > 0 and row is None:
+        if size <= 0:  # nothing there to lose: (re)built from the database
+            return 0, 0, ""
+        if row is None:
             raise UsageError(
                 f"-o {self.path}: the file exists and runner has no record of writing it for "
                 f"{self.db.path}; give a new -o path (or move the file away), then rerun"
             )
-        if (row is not None and row["kind"] != "run") or size < recorded:
-            if size > 0:
-                log.warning("%s: rebuilding it from the database (it is shorter than runner "
-                            "wrote, or was an export)", self.path)  # fmt: skip
-            return 0, 0, ""
-        if recorded and await anyio.to_thread.run_sync(_fingerprint, self.path, recorded) != tail:
+        last_seq, recorded, tail = int(row[0]), int(row[1]), str(row[2])
+        ours = size >= recorded and (
+            not tail  # recorded by a version before fingerprints: its length is all there is
+            or await anyio.to_thread.run_sync(_fingerprint, self.path, recorded) == tail
+        )
+        if not ours:
             raise UsageError(
-                f"-o {self.path}: the file changed since runner last wrote it (edited by hand?); "
-                "move it away or give another -o path, then rerun: every result is in the "
-                "database and a new file is written in full"
+                f"-o {self.path}: the file changed since runner last wrote it (edited by hand, "
+                "cut short or replaced?); move it away or give another -o path, then rerun: "
+                "every result is in the database and a new file is written in full"
             )
+        if row["kind"] != "run" or last_seq < 0:
+            log.warning("%s: rebuilding it from the database", self.path)
+            return 0, 0, ""
         return last_seq, recorded, tail
 
     async def open(self) -> None:
@@ -167,6 +191,8 @@ class OutputFile:
                         "write, or lines added by hand)", self.path, size - recorded)  # fmt: skip
         try:
             await anyio.to_thread.run_sync(self._truncate, recorded)
+            if not tail:  # a new file, or one recorded before fingerprints
+                tail = await anyio.to_thread.run_sync(_fingerprint, self.path, recorded)
         except OSError as e:
             raise _storage(self.path, e) from None
         async with self.db.transaction() as con:
@@ -185,15 +211,16 @@ class OutputFile:
         finally:
             os.close(fd)
 
-    def _append(self, data: bytes, at: int) -> str:
+    def _append(self, data: bytes, at: int) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            os.ftruncate(fd, at)  # a rebuild starts from nothing; a live file is already `at`
-            os.pwrite(fd, data, at)
+            if os.fstat(fd).st_size < at:  # never pad: the file changed under runner
+                raise OSError(5, "the file is shorter than runner wrote")
+            os.ftruncate(fd, at)  # a torn tail of an earlier attempt goes
+            pwrite_all(fd, data, at)
             os.fsync(fd)
         finally:
             os.close(fd)
-        return _fingerprint(self.path, at + len(data))
 
     async def export(self) -> int:
         """Append every job finished since the file's last sequence number; lines written.
@@ -201,35 +228,36 @@ class OutputFile:
         Written in chunks (a rebuild of a million lines never sits in memory), fsynced, and
         recorded in one commit at the end: a crash before it leaves a tail the next start cuts.
         """
-        row = await self.db.row("SELECT last_seq, size FROM outputs WHERE path = ?", self.key)
+        row = await self.db.row("SELECT last_seq, size, tail FROM outputs WHERE path = ?", self.key)
         if row is None:
             raise StorageError(f"{self.path}: output not opened")
-        top, size = int(row[0]), int(row[1])
-        written, tail, buf = 0, None, []
+        top, size, fingerprint = int(row[0]), int(row[1]), str(row[2])
+        written, buf = 0, []
         try:
             async for seq, line in lines_since(self.db, top):
                 buf.append(json.dumps(line, ensure_ascii=False) + "\n")
                 top = seq
                 if len(buf) >= 2000:
-                    size, tail = await self._flush(buf, size)
+                    size, fingerprint = await self._flush(buf, size, fingerprint)
                     written, buf = written + len(buf), []
             if buf:
-                size, tail = await self._flush(buf, size)
+                size, fingerprint = await self._flush(buf, size, fingerprint)
                 written += len(buf)
         except OSError as e:
             raise _storage(self.path, e) from None
-        if tail is not None:
-            async with self.db.transaction() as con:
-                await con.execute(
-                    "UPDATE outputs SET last_seq = ?, size = ?, tail = ? WHERE path = ?",
-                    (top, size, tail, self.key),
-                )
+        if written:
+            with storage_guard(self.db.path):
+                async with self.db.transaction() as con:
+                    await con.execute(
+                        "UPDATE outputs SET last_seq = ?, size = ?, tail = ? WHERE path = ?",
+                        (top, size, fingerprint, self.key),
+                    )
         return written
 
-    async def _flush(self, buf: list[str], size: int) -> tuple[int, str]:
+    async def _flush(self, buf: list[str], size: int, fingerprint: str) -> tuple[int, str]:
         data = "".join(buf).encode()
-        tail = await anyio.to_thread.run_sync(self._append, data, size)
-        return size + len(data), tail
+        await anyio.to_thread.run_sync(self._append, data, size)
+        return size + len(data), _extend(fingerprint, data)
 
 
 # -- one-off exports ------------------------------------------------------------------------------
@@ -271,7 +299,8 @@ async def export_file(db: Database, path: str, text: str) -> None:
             )
         if row["kind"] == "run":
             raise UsageError(f"-o {path}: that is a run's output file (-o of `runner run`)")
-        if _fingerprint(path, os.path.getsize(path)) != row["tail"]:
+        size = os.path.getsize(path)
+        if size != row["size"] or _fingerprint(path, size) != row["tail"]:
             raise UsageError(f"-o {path}: the file changed since runner wrote it; not replacing it")
     data = text.encode()
 
@@ -287,15 +316,20 @@ async def export_file(db: Database, path: str, text: str) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        return _fingerprint(path, len(data))
+        return _extend("", data)
 
     try:
         tail = await anyio.to_thread.run_sync(write)
     except OSError as e:
         raise StorageError(f"cannot write {path}: {e.strerror or e}; nothing was replaced") from None
+    with storage_guard(db.path):
+        await _record_export(db, key, len(data), tail)
+
+
+async def _record_export(db: Database, key: str, size: int, tail: str) -> None:
     async with db.transaction() as con:
         await con.execute(
             "INSERT INTO outputs (path, last_seq, size, tail, kind) VALUES (?, 0, ?, ?, 'export') "
             "ON CONFLICT (path) DO UPDATE SET size = excluded.size, tail = excluded.tail",
-            (key, len(data), tail),
+            (key, size, tail),
         )

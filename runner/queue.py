@@ -49,7 +49,8 @@ _SQL = {
     "answer": "UPDATE operations SET answered_at = ?, input_tokens = ?, completion_tokens = ?, "
     "reasoning_tokens = ?, total_tokens = ?, orphan = ? "
     "WHERE operation_id = ? AND answered_at IS NULL",
-    "sync_answer": "INSERT INTO operations (job, fence, turn, sent_at, answered_at, input_tokens, "
+    "sync_answer": "INSERT OR IGNORE INTO operations (job, fence, turn, sent_at, answered_at, "
+    "input_tokens, "
     "completion_tokens, reasoning_tokens, total_tokens, orphan) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
     "?, ?)",
     "done": "UPDATE jobs SET state = 'done', finished_at = ?, finish_seq = ?, polls = polls + ?, "
@@ -229,7 +230,19 @@ class Queue:
         return moved
 
     async def cancel_pending(self) -> int:
+        """Cancel every job not yet sent, including those a killed run left mid-submit: those
+        are counted as ambiguous (the server may have them), and the next run sends none."""
         async with self.db.transaction() as con:
+            await con.execute(
+                "INSERT INTO operations (job, fence, turn, sent_at, ambiguous) "
+                "SELECT rowid, fence, turn, COALESCE(submitted_at, ?), 1 FROM jobs "
+                "WHERE state = 'submitting'",
+                (time.time(),),
+            )
+            await con.execute(
+                "UPDATE jobs SET state = 'pending', ambiguous = ambiguous + 1 "
+                "WHERE state = 'submitting'"
+            )
             cur = await con.execute(
                 "UPDATE jobs SET state = 'cancelled', finished_at = ?, "
                 "finish_seq = p.n + (SELECT COALESCE(MAX(finish_seq), 0) FROM jobs) "

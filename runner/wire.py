@@ -94,6 +94,10 @@ def _str(value: Any, what: str, default: str | None = None) -> str:
         return default
     if not isinstance(value, str):
         raise Malformed(f"{what} is not a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: half a character, which nothing can store
+        raise Malformed(f"{what} is not valid text") from None
     return value
 
 
@@ -107,8 +111,8 @@ def _count(value: Any, what: str) -> int:
         n = int(value)
     except ValueError:
         raise Malformed(f"{what} is not a count") from None
-    if n < 0:
-        raise Malformed(f"{what} is negative")
+    if not 0 <= n < 2**63:
+        raise Malformed(f"{what} is out of range")
     return n
 
 
@@ -134,8 +138,18 @@ def parse_completion(data: Any) -> Completion:
             "totalTokens": _count(usage.get("totalTokens"), "usage.totalTokens"),
         },
         model_version=_str(data.get("modelVersion"), "modelVersion", ""),
-        tool_calls=tool_calls,
+        tool_calls=_storable(tool_calls, "message.toolCallList"),
     )
+
+
+def _storable(value: Any, what: str) -> Any:
+    """A nested value (tool calls) that can be written as JSON text, or ``Malformed``."""
+    if value is not None:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError, UnicodeEncodeError):
+            raise Malformed(f"{what} cannot be stored") from None
+    return value
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from runner.database import storage_error
 from runner.errors import StorageError
-from runner.jobs import Answered, Attempt, Completion, Outcome, Submitted
-from runner.output import OutputFile
+from runner.jobs import Answered, ApiFailure, Attempt, Completion, Failed, Outcome, Submitted
+from runner.output import OutputFile, pwrite_all
 from runner.queue import Applied, Queue
 
 log = logging.getLogger("runner.writer")
@@ -136,7 +136,7 @@ class Writer:
                 applied = await self.queue.apply(batch, self.budget)
             except Exception as e:
                 if not storage_error(e):
-                    raise
+                    return await self._one_by_one(batch, e)
                 attempt += 1
                 waited = time.monotonic() - started
                 if waited >= self.patience:
@@ -154,17 +154,41 @@ class Writer:
                 self.recovered.set()
             return applied
 
+    async def _one_by_one(self, batch: list[Outcome], error: Exception) -> Applied:
+        """An outcome the store refuses (a value it cannot hold) must not take the others, and
+        their operation ids, down with it: apply them one at a time; one that still fails is
+        turned into its job's failure, or dropped with a log line if even that fails."""
+        log.error("an outcome could not be stored (%s); applying the batch one by one", error)
+        total = Applied()
+        for outcome in batch:
+            try:
+                done = await self.queue.apply([outcome], self.budget)
+            except Exception as e:
+                if storage_error(e):
+                    raise
+                failure = ApiFailure(2, f"the answer could not be stored ({type(e).__name__})")
+                try:
+                    done = await self.queue.apply([Failed(outcome.attempt, time.time(), failure)])
+                except Exception:
+                    log.exception("dropped an outcome for job row %d", outcome.attempt.rowid)
+                    continue
+            for name in ("finished", "advanced", "requeued", "stale", "failed"):
+                setattr(total, name, getattr(total, name) + getattr(done, name))
+        return total
+
     def _rescue(self, batch: list[Outcome]) -> None:
         kept = [o for o in batch if isinstance(o, Submitted | Answered)]
         if not kept:
             return
         path = rescue_path(self.queue.db.path)
         try:
-            save_rescue(path, kept)
-            self._kept += len(kept)
-        except OSError as e:
-            log.error("could not save %d operation ids to %s (%s): those jobs will count as "
-                      "ambiguous submits on the rerun", len(kept), path, e.strerror)  # fmt: skip
+            saved = save_rescue(path, kept)
+        except OSError:
+            saved = 0
+        self._kept += saved
+        if saved < len(kept):
+            log.error("could not save %d operation ids to %s: those jobs will count as "
+                      "ambiguous submits on the rerun", len(kept) - saved, path)  # fmt: skip
 
     def message(self) -> str:
         assert self.failed is not None
@@ -180,11 +204,45 @@ class _GaveUp(Exception):
         self.error = error
 
 
-# -- the rescue file: outcomes that could not be committed -----------------------------------------
+# -- the rescue file: outcomes that could not be committed -------------------------------------
+#
+# A full disk is exactly when a new file cannot be written, so the rescue file's space is
+# reserved when a run starts (RESERVE bytes of zeros, allocated) and records are written into
+# it in place. Records are JSON lines; the first zero byte ends them. Applying them is
+# idempotent (fenced like any outcome; a sync answer is recorded once per attempt), so a kill
+# between applying and clearing them costs nothing.
+
+RESERVE = 1 << 20
 
 
 def rescue_path(db_path: str) -> str:
     return db_path + ".rescue"
+
+
+def reserve(db_path: str) -> None:
+    """Allocate the rescue file's space now, while the disk has room; best effort."""
+    path = rescue_path(db_path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        log.warning("could not reserve %s (%s): a full disk may lose operation ids", path, e)
+        return
+    try:
+        if os.fstat(fd).st_size < RESERVE:
+            os.posix_fallocate(fd, 0, RESERVE)
+            os.fsync(fd)
+    except OSError as e:
+        log.warning("could not reserve %s (%s): a full disk may lose operation ids", path, e)
+    finally:
+        os.close(fd)
+
+
+def release(db_path: str) -> None:
+    """The run ended cleanly: the reserve is not needed until the next one."""
+    path = rescue_path(db_path)
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        if f.read(1) in (b"", b"\0"):
+            os.unlink(path)
 
 
 def _encode(o: Submitted | Answered) -> dict[str, Any]:
@@ -205,26 +263,55 @@ def _decode(d: dict[str, Any]) -> Submitted | Answered:
     return Answered(a, d["at"], Completion(text, status, usage, version, tools), d["polls"])
 
 
-def save_rescue(path: str, outcomes: list[Submitted | Answered]) -> None:
-    data = "".join(json.dumps(_encode(o), ensure_ascii=False) + "\n" for o in outcomes).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def _records(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read().split(b"\0", 1)[0]
+
+
+def save_rescue(path: str, outcomes: list[Submitted | Answered]) -> int:
+    """Write the records after those already there, in the reserved space, one at a time;
+    returns how many are whole on disk (a record cut short is zeroed, never left torn)."""
+    at = len(_records(path)) if os.path.exists(path) else 0
+    saved = 0
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        os.write(fd, data)
+        for o in outcomes:
+            record = (json.dumps(_encode(o), ensure_ascii=False) + "\n").encode()
+            try:
+                pwrite_all(fd, record, at)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    pwrite_all(fd, bytes(len(record)), at)
+                break
+            at, saved = at + len(record), saved + 1
         os.fsync(fd)
     finally:
         os.close(fd)
+    return saved
 
 
 async def apply_rescue(queue: Queue, budget: int) -> int:
-    """Apply what a run that could not write its database saved; fenced like any outcome."""
+    """Apply what a run that could not write its database saved, then clear it."""
     path = rescue_path(queue.db.path)
     if not os.path.exists(path):
         return 0
+    raw = await anyio.to_thread.run_sync(_records, path)
+    if not raw:
+        return 0
     outcomes: list[Outcome] = []
-    for line in (await anyio.Path(path).read_text(encoding="utf-8")).splitlines():
+    for line in raw.decode("utf-8", errors="replace").splitlines():
         with contextlib.suppress(ValueError, KeyError, TypeError):
             outcomes.append(_decode(json.loads(line)))
     await queue.apply(outcomes, budget)
-    os.unlink(path)
+
+    def clear() -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            pwrite_all(fd, bytes(len(raw)), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    await anyio.to_thread.run_sync(clear)
     log.warning("applied %d outcomes saved in %s by a run that could not write", len(outcomes), path)
     return len(outcomes)

@@ -35,7 +35,7 @@ def runner_cmd(*args: str) -> list[str]:
 def child_env(url: str | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("YC_", "RUNNER_"))}
     env.update(YC_API_KEY=SENTINEL_KEY, YC_FOLDER_ID="b1gtestfolder", RUNNER_ZERO_BACKOFF="1",
-               PYTHONPATH=TREE)
+               PYTHONPATH=TREE, RUNNER_LATENCY_PRIOR="0.2")  # the emulator answers in seconds
     if url:
         env.update(RUNNER_LLM_URL=url, RUNNER_OPERATION_URL=url)
     env.update(extra)
@@ -64,6 +64,12 @@ def emulator_process(*args: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def emulator_detail(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/emulator/stats?detail=1", timeout=10) as resp:
+        data: dict[str, Any] = json.load(resp)
+        return data
 
 
 def emulator_stats(url: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class Gate:
         self.rng = rng
         self.stats = stats
         self.quotas: dict[str, list[Quota]] = {}
+        self.refused_submits: list[float] = []  # monotonic times of submits answered 429
         self.reset_quotas(time.monotonic())
 
     def reset_quotas(self, origin: float) -> None:
@@ -64,6 +65,8 @@ class Gate:
         for w in self.quotas[endpoint]:
             if not w.admit(now):
                 self.stats[f"{endpoint}_429"] += 1
+                if endpoint == "submit":
+                    self.refused_submits.append(now)
                 headers = {}
                 if self.config.retry_after is not None:
                     headers["Retry-After"] = str(self.config.retry_after)

@@ -382,6 +382,7 @@ class Emulator:
         }
         if request.query.get("detail") in ("1", "true", "yes"):
             data.update(self.measure.detail(self.ops.values()))
+            data["submit_429_times"] = [t - self.started_mono for t in self.gate.refused_submits]
         return web.json_response(data)
 
 

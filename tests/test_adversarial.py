@@ -1,0 +1,282 @@
+"""Findings of the adversarial review of the money-safety work, each reproduced, then fixed.
+
+Every test here failed before its fix. They drive the real thing: SQLite files, the emulator
+over loopback, subprocesses with a real file-size limit (RLIMIT_FSIZE) standing in for a full
+disk, and a real tmpfs where the machine allows mounting one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.database import Database
+from runner.errors import StorageError
+from runner.jobs import Answered, Completion
+from runner.pacing import Pacer
+from runner.wire import Malformed, parse_completion
+from tests.conftest import batch_for, db_rows, read_out, write_jobs
+from tests.killloop import db_states
+from tests.procs import (
+    ROOT,
+    child_env,
+    emulator_process,
+    emulator_stats,
+    make_jobs,
+    run,
+    runner_cmd,
+)
+
+
+def answer(text: str) -> dict[str, Any]:
+    return {"alternatives": [{"message": {"role": "assistant", "text": text}}],
+            "usage": {"totalTokens": "3"}}  # fmt: skip
+
+
+def test_an_answer_that_cannot_be_stored_is_malformed_not_a_crash() -> None:
+    with pytest.raises(Malformed, match="not valid text"):
+        parse_completion(answer("half an emoji \ud83d"))
+    with pytest.raises(Malformed, match="out of range"):
+        parse_completion({**answer("x"), "usage": {"totalTokens": str(2**63)}})
+
+
+@pytest.mark.anyio
+async def test_one_outcome_the_store_refuses_does_not_take_the_others_down(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    from runner.queue import Queue
+    from runner.writer import Writer
+
+    e = await make_emulator()
+    async with batch_for(e, tmp_path) as batch:
+        await batch.add(["a", "b"])
+    async with Database.open(str(tmp_path / "runner.db")) as db:
+        queue = Queue(db)
+        claims = await queue.claim(2, 1e12)
+        writer = Writer(queue, None, budget=32768, on_applied=lambda _: None)
+        bad = Completion("\ud83d", "FINAL", {"totalTokens": 1}, "v")  # past the wire's checks
+        good = Completion("fine", "FINAL", {"totalTokens": 1}, "v")
+        await writer.flush([Answered(claims[0].attempt, 1.0, bad),
+                            Answered(claims[1].attempt, 1.0, good)])  # fmt: skip
+    states = dict(db_rows(tmp_path / "runner.db", "SELECT id, state FROM jobs"))
+    assert states == {"item-0": "failed", "item-1": "done"}
+
+
+def test_output_files_a_user_owns_are_never_overwritten(tmp_path: Path) -> None:
+    make_jobs(tmp_path / "jobs.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    with emulator_process() as url:
+        assert run(["run", "jobs.jsonl", "-o", "out.jsonl"], tmp_path, url).returncode == 0
+        out.write_text("my own small file\n")  # A: replaced by the user, shorter than recorded
+        r = run(["run", "-o", "out.jsonl"], tmp_path, url)
+        assert r.returncode == 2 and out.read_text() == "my own small file\n"
+        out.unlink()
+        assert run(["run", "-o", "out.jsonl"], tmp_path, url).returncode == 0
+        assert run(["retry", "--status", "failed"], tmp_path).returncode == 0
+        big = "x" * 5000 + "\n"
+        out.write_text(big)  # B: after a retry (a rebuild pending), a larger file of the user's
+        assert run(["run", "-o", "out.jsonl"], tmp_path, url).returncode == 2 and out.read_text() == big
+        assert run(["results", "-o", "export.jsonl"], tmp_path).returncode == 0
+        export = tmp_path / "export.jsonl"
+        edited = "EDITED" + export.read_text()[6:]  # C and D: an export edited at its start
+        export.write_text(edited)
+        assert run(["run", "-o", "export.jsonl"], tmp_path, url).returncode == 2
+        assert run(["results", "-o", "export.jsonl"], tmp_path).returncode == 2
+        assert export.read_text() == edited
+
+
+def test_cancel_also_cancels_jobs_a_killed_run_left_mid_submit(tmp_path: Path) -> None:
+    make_jobs(tmp_path / "jobs.jsonl", 6)
+    with emulator_process() as url:
+        assert run(["run", "jobs.jsonl"], tmp_path, url).returncode == 0
+        con = sqlite3.connect(tmp_path / "runner.db")
+        with con:  # the state a kill -9 leaves: some claimed, not yet answered
+            con.execute("UPDATE jobs SET state='submitting', finish_seq=NULL, result=NULL "
+                        "WHERE id IN ('j0', 'j1')")  # fmt: skip
+            con.execute("UPDATE jobs SET state='pending', finish_seq=NULL, result=NULL "
+                        "WHERE id IN ('j2')")  # fmt: skip
+        con.close()
+        before = emulator_stats(url)["submits"]
+        assert run(["cancel"], tmp_path, url).returncode == 0
+        assert run(["run"], tmp_path, url).returncode == 0
+        assert emulator_stats(url)["submits"] == before  # nothing paid for after the cancel
+    status = json.loads(run(["status", "--json"], tmp_path).stdout)
+    assert status["cancelled"] == 3 and status["ambiguousSubmits"] == 2
+
+
+def limited(limit: int) -> Any:
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_full_disk_at_start_is_exit_5_and_one_line(tmp_path: Path) -> None:
+    make_jobs(tmp_path / "jobs.jsonl", 20)
+    with emulator_process("--latency", "20:30") as url:
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--submit-rps", "5"), cwd=tmp_path,
+                                env=child_env(url), stderr=subprocess.DEVNULL)  # fmt: skip
+        while db_states(tmp_path / "runner.db").get("running", 0) < 3:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # leaves pending, running and maybe submitting jobs
+        proc.wait()
+        # each needs to write from its first step, on a disk with no room at all
+        for args in (["run"], ["cancel", "--pending-only"], ["retry"]):
+            r = subprocess.run(runner_cmd(*args), cwd=tmp_path, env=child_env(url), text=True,
+                               capture_output=True, timeout=60, preexec_fn=limited(1))  # fmt: skip
+            assert r.returncode in (0, 5), (args, r.stderr)
+            assert "Traceback" not in r.stderr
+            if r.returncode == 5:
+                assert r.stderr.count("\n") == 1 and "free space" in r.stderr
+
+
+def test_a_rescue_that_does_not_fit_saves_whole_records_and_says_how_many(tmp_path: Path) -> None:
+    script = f"""
+import json, resource, sys
+sys.path.insert(0, {str(ROOT)!r})
+from runner.jobs import Attempt, Submitted
+from runner.writer import save_rescue
+resource.setrlimit(resource.RLIMIT_FSIZE, (250, 250))
+records = [Submitted(Attempt(i, 1), "op-%04d" % i, 1.0) for i in range(10)]
+print(save_rescue(sys.argv[1], records))
+"""
+    path = tmp_path / "runner.db.rescue"
+    r = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+    saved = int(r.stdout)
+    assert 0 < saved < 10, r.stderr
+    text = path.read_bytes().split(b"\0", 1)[0].decode()
+    assert [json.loads(x)["submitted"] for x in text.splitlines()] == [f"op-{i:04d}" for i in range(saved)]
+
+
+@pytest.mark.anyio
+async def test_a_sync_answer_applied_twice_is_counted_once(make_emulator: Any, tmp_path: Path) -> None:
+    from runner.queue import Queue
+
+    e = await make_emulator()
+    async with batch_for(e, tmp_path) as batch:
+        await batch.add(["a"])
+    async with Database.open(str(tmp_path / "runner.db")) as db:
+        queue = Queue(db)
+        [claim] = await queue.claim(1, 1e12)
+        answered = Answered(claim.attempt, 1.0, Completion("x", "F", {"totalTokens": 7}, "v"))
+        await queue.apply([answered])
+        await queue.apply([answered])  # a rescue file applied again after a kill
+    assert db_rows(tmp_path / "runner.db", "SELECT total_tokens FROM totals") == [(7,)]
+
+
+@pytest.mark.anyio
+async def test_a_failing_output_record_is_a_storage_error(make_emulator: Any, tmp_path: Path) -> None:
+    from runner.output import OutputFile
+
+    e = await make_emulator()
+    async with batch_for(e, tmp_path) as batch:
+        await batch.add(["a"])
+        await batch.run()
+    async with Database.open(str(tmp_path / "runner.db")) as db:
+        out = OutputFile(db, str(tmp_path / "out.jsonl"))
+        await out.open()
+        await db.con.execute("UPDATE outputs SET last_seq = 0")  # so there is a line to write
+        await db.con.execute("PRAGMA query_only = ON")  # and its record cannot be written
+        with pytest.raises(StorageError, match="cannot write"):
+            await out.export()
+
+
+def test_an_output_file_shorter_than_recorded_is_never_padded(tmp_path: Path) -> None:
+    from runner.output import OutputFile
+
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": 1}\n')
+    file = OutputFile.__new__(OutputFile)
+    file.path = str(path)
+    with pytest.raises(OSError, match="shorter than runner wrote"):
+        file._append(b'{"id": 2}\n', 50)
+    assert path.read_bytes() == b'{"id": 1}\n'
+
+
+def test_sync_mode_collects_operations_an_async_run_left_running(tmp_path: Path) -> None:
+    make_jobs(tmp_path / "jobs.jsonl", 10)
+    with emulator_process("--latency", "2:3") as url:
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--submit-rps", "50"), cwd=tmp_path,
+                                env=child_env(url), stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while db_states(tmp_path / "runner.db").get("running", 0) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        r = run(["run", "--mode", "sync", "-o", "out.jsonl"], tmp_path, url, timeout=60)
+        stats = emulator_stats(url)
+    assert r.returncode == 0, r.stderr
+    assert len(read_out(tmp_path / "out.jsonl")) == 10 and stats["submits"] == 10
+
+
+def test_a_cancelled_chat_keeps_the_turns_it_paid_for(tmp_path: Path) -> None:
+    write_jobs(tmp_path / "c.jsonl", [{"id": "c1", "turns": ["one", "two"]}])
+    with emulator_process("--latency", "0.05:0.1") as url:
+        assert run(["run", "c.jsonl"], tmp_path, url).returncode == 0
+    con = sqlite3.connect(tmp_path / "runner.db")
+    with con:  # turn 2 was pending when the batch was cancelled
+        con.execute("UPDATE jobs SET state='cancelled', result=NULL, "
+                    "transcript=json_array(json_extract(result, '$.turns[0]'))")  # fmt: skip
+    con.close()
+    [line] = [json.loads(x) for x in run(["results"], tmp_path).stdout.splitlines()]
+    assert line["status"] == "cancelled" and len(line["turns"]) == 1
+
+
+@pytest.mark.anyio
+async def test_the_pacer_never_asks_to_sleep_a_negative_time() -> None:
+    ticks = [0.0]
+
+    def clock() -> float:  # every read a little later, as a real clock under load
+        ticks[0] += 0.0004
+        return ticks[0]
+
+    pacer = Pacer(rate=1000.0, clock=clock)
+    for _ in range(200):
+        await pacer.slot()
+
+
+def tmpfs(where: Path, size: str) -> bool:
+    where.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0  # fmt: skip
+
+
+def test_on_a_really_full_disk_the_reserved_rescue_keeps_every_operation_id(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    if os.geteuid() != 0 or not tmpfs(disk, "6m"):
+        pytest.skip("needs to mount a small tmpfs (root)")
+    try:
+        make_jobs(disk / "jobs.jsonl", 300)
+        with emulator_process("--latency", "0.3:0.8") as url:
+            proc = subprocess.Popen(
+                runner_cmd("run", "jobs.jsonl", "-o", "out.jsonl", "--submit-rps", "100",
+                           "--storage-patience", "1"),
+                cwd=disk, env=child_env(url), stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            while not (disk / "out.jsonl").exists() or (disk / "out.jsonl").stat().st_size < 3000:
+                time.sleep(0.01)
+            fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+            try:  # fill the disk to the last byte
+                while os.write(fd, b"\0" * 65536) > 0:
+                    pass
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 5, err
+            (disk / "filler").unlink()
+            assert run(["run", "-o", "out.jsonl"], disk, url, timeout=120).returncode == 0
+            stats = emulator_stats(url)
+            ambiguous = json.loads(run(["status", "--json"], disk).stdout)["ambiguousSubmits"]
+        assert stats["submits"] == 300 + ambiguous and ambiguous <= 5
+        assert len(read_out(disk / "out.jsonl")) == 300
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
