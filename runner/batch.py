@@ -27,11 +27,12 @@ import anyio
 
 from runner import connect, ingest, output, pricing, reports
 from runner.credentials import Credentials
-from runner.database import Database, RunLock, must_exist
+from runner.database import Database, RunLock, must_exist, storage_guard
 from runner.errors import UsageError
 from runner.execution import Run, RunReport, execute, first_error
 from runner.inputs import DEFAULT_MODEL, Spec, model_ref, read_jobs, spec_of
 from runner.jobs import Result
+from runner.polling import PollPolicy
 from runner.progress import Snapshot
 from runner.queue import Queue
 from runner.scheduler import Settings
@@ -75,6 +76,7 @@ class Batch:
         retention: float = 3 * 24 * 3600.0,
         storage_patience: float = 60.0,
         probe_max: float = 120.0,
+        latency_prior: float = 15.0,
         prices: dict[str, float] | None = None,
         progress: Callable[[Snapshot], None] | None = None,
         progress_interval: float = 10.0,
@@ -95,6 +97,7 @@ class Batch:
             max_faults=max_faults, max_resubmits=max_resubmits, op_deadline=op_deadline,
             resubmit_stuck=resubmit_stuck, context_budget=context_budget, max_outage=max_outage,
             retention=retention, storage_patience=storage_patience, probe_max=probe_max,
+            policy=PollPolicy(prior=latency_prior),
         )  # fmt: skip
         self.mode = self.settings.mode  # given settings (benchmarks, tests) keep their own
         self.endpoints = connect.Endpoints(llm_url, operation_url, emulator)
@@ -164,7 +167,8 @@ class Batch:
         self._refuse_while_running("add jobs")
         specs, where = self._specs(jobs)
         db = await self._open()
-        added = await ingest.ingest(db, where, specs)
+        with storage_guard(self.path):
+            added = await ingest.ingest(db, where, specs)
         for said in pricing.warnings(await self._models(db), self.mode):
             log.warning("%s", said)
         return added
@@ -211,7 +215,8 @@ class Batch:
         self._refuse_while_running("start a second run")
         self._running = True
         try:
-            return await execute(self, out_path, notify)
+            with storage_guard(self.path):
+                return await execute(self, out_path, notify)
         finally:
             self._running = False
 
@@ -260,7 +265,8 @@ class Batch:
         """Move failed (or cancelled) jobs back to pending, keeping their history."""
         self._refuse_while_running("retry")
         must_exist(self.path)
-        return await Queue(await self._open()).retry(status, error_code)
+        with storage_guard(self.path):
+            return await Queue(await self._open()).retry(status, error_code)
 
     async def cancel(self, pending_only: bool = False) -> dict[str, int]:
         """Cancel pending jobs; ask the server to cancel running operations (see ``plan``)."""
@@ -268,7 +274,8 @@ class Batch:
 
         self._refuse_while_running("cancel")
         must_exist(self.path)
-        return await cancel(self, pending_only)
+        with storage_guard(self.path):
+            return await cancel(self, pending_only)
 
     async def plan(self, jobs: Jobs, exact: bool = False) -> dict[str, Any]:
         """Validate jobs against the database, count and price them; store and send nothing."""

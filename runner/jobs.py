@@ -68,6 +68,7 @@ class Running:
     errors: int = 0  # consecutive failed polls
     faults: int = 0  # malformed answers: the operation's own faults
     last_miss: float = 0.0  # age at the last poll that found it still running
+    scout: bool = False  # one of the run's first operations: polled finely until learned
 
     @property
     def operation_id(self) -> str:

@@ -10,6 +10,13 @@ may use, since the contract does not say).
 The window is rebuilt from the ledger when a run starts (``seed``), so a restart inside the hour
 does not send into a full quota, and only requests the server may have accepted stay in it: a
 slot whose request was answered 429 or 5xx, or never connected, is handed back (``refund``).
+
+The contract does not say whether the hour is rolling, fixed or a continuously refilled bucket,
+and a rolling model wastes what the other shapes allow. So when the window says "wait", the
+pacer probes: one submit at growing intervals (from ``hour/360``, doubling on each 429 up to
+``hour/10``); each accepted probe shortens the interval (by 20% until the first refusal, by 2%
+after it). Against a rolling window this costs a few 429s an hour; against a token bucket the
+probes settle at its refill rate; after a fixed window resets they find the new room.
 """
 
 from __future__ import annotations
@@ -47,6 +54,13 @@ class Pacer:
         self._stamps: list[float] = []  # sorted slot times still inside the window
         self._lock = anyio.Lock()
         self.throttled = 0
+        # a probe a second at the most (in a compressed-time test, too), 1/360 of the hour
+        self._probe_first = max(1.0, hour / 360)
+        self._probe_max = max(self._probe_first, hour / 10)
+        self._probe_interval = self._probe_first  # between submits past the window's model
+        self._probe_next = -math.inf
+        self._probes: set[float] = set()  # stamps of slots granted past the model
+        self._refused_once = False
 
     @property
     def rate(self) -> float:
@@ -65,13 +79,20 @@ class Pacer:
         if cut:
             del self._stamps[:cut]
 
-    def _earliest(self, now: float) -> float:
+    def _earliest(self, now: float) -> tuple[float, bool]:
+        """When the next slot can be had, and whether it is a probe past the window's model."""
         at = max(now, self._next, self._paused_until)
         if self.per_hour is not None:
             self._prune(at)
             if len(self._stamps) >= self.per_hour:
-                at = max(at, self._stamps[len(self._stamps) - self.per_hour] + self.hour)
-        return at
+                rolled = self._stamps[len(self._stamps) - self.per_hour] + self.hour
+                if self._probe_next == -math.inf:
+                    self._probe_next = now + self._probe_interval
+                probe = max(at, self._probe_next)
+                if probe < rolled:
+                    return probe, True
+                at = max(at, rolled)
+        return at, False
 
     def left(self) -> int:
         """Slots the hourly window has free right now (a large number without a window)."""
@@ -83,10 +104,18 @@ class Pacer:
     async def room(self) -> int:
         """Wait until a slot could be had, without taking it; returns how many the hourly
         window has left (so a caller can claim no more work than it can send soon)."""
-        # a deadline that a 429 may push later, re-read after each sleep; not a handoff
-        while (at := self._earliest(self.clock())) > self.clock():  # noqa: ASYNC110
-            await anyio.sleep(at - self.clock())
+        await self._until_free()
         return self.left()
+
+    async def _until_free(self) -> tuple[float, bool]:
+        # a deadline that a 429 may push later, re-read after each sleep (not a handoff); the
+        # clock is read once per turn, or a late read could ask to sleep a negative time
+        while True:
+            now = self.clock()
+            at = self._earliest(now)
+            if at[0] <= now:
+                return at
+            await anyio.sleep(at[0] - now)
 
     def horizon(self, n: int) -> float:
         """Seconds until ``n`` more slots could have been handed out, at the current pace.
@@ -110,12 +139,34 @@ class Pacer:
     async def slot(self) -> float:
         """Wait for a slot and take it; returns its stamp (to ``refund`` it)."""
         async with self._lock:
-            while (at := self._earliest(self.clock())) > self.clock():  # noqa: ASYNC110
-                await anyio.sleep(at - self.clock())
-            self._next = at + 1.0 / self.rate_at(at)
+            stamp, probe = await self._until_free()
+            self._next = stamp + 1.0 / self.rate_at(stamp)
             if self.per_hour is not None:
-                bisect.insort(self._stamps, at)
-            return at
+                bisect.insort(self._stamps, stamp)
+            if probe:
+                self._probes.add(stamp)
+                self._probe_next = stamp + self._probe_interval
+            return stamp
+
+    def accepted(self, stamp: float) -> None:
+        """The request of this slot was accepted; a probe's success shortens the interval."""
+        if stamp in self._probes:
+            self._probes.discard(stamp)
+            self._probe_interval *= 0.98 if self._refused_once else 0.8
+            self._probe_next = min(self._probe_next, stamp + self._probe_interval)
+
+    def refused(self, stamp: float, retry_after: float | None) -> None:
+        """A 429 for this slot's request: a probe's lengthens the interval, another's slows the
+        per-second pace; either way the slot is handed back."""
+        self.refund(stamp)
+        if stamp in self._probes:
+            self._probes.discard(stamp)
+            self._refused_once = True
+            self._probe_interval = min(self._probe_max, self._probe_interval * 2)
+            self._probe_next = self.clock() + self._probe_interval
+            self.throttled += 1
+            return
+        self.throttle(retry_after)
 
     def refund(self, stamp: float) -> None:
         """The request never counted (429, 5xx, not connected): free its hourly slot."""

@@ -1,100 +1,238 @@
-"""When to poll an operation next: few polls per job, yet no late tail. Pure, clock-free.
+"""When to poll an operation next: the run ends as early as it can, with few polls. Pure.
 
-An operation's first poll goes out at a high quantile ``q`` of the completion latency seen in
-this run, learned online in a log-bucketed histogram (O(1) memory). What a poll sees is
-censored: a job found done at age ``a`` after a miss at age ``b`` finished somewhere in
-``(b, a]``, so it is recorded at the geometric middle of that interval (at ``a/2`` when the
-first poll found it done). The estimate therefore settles where a fraction ``q`` of jobs are
-done at their first poll, and since only real completions are recorded, a burst of misses
-cannot push it anywhere: early in a run, before slow jobs have finished, it errs low, which
-costs a few polls, never a late result. Until enough jobs have finished, ``initial`` is used.
+What it optimizes: the time the last result is seen (the run's end) first, the number of polls
+second. A poll that finds an operation done too late costs nothing unless that operation is the
+last one to finish; so each operation is polled lazily (a first poll near a high quantile of the
+latency learned in this run, then geometric back-off by age, ratio ``growth``), except near the
+*horizon*: a lower bound on when the run can end at all, below which being late cannot delay it.
+No wait reaches past the horizon, and from it on waits are cut to ``tail_share`` of the elapsed
+run, so the last result is seen within that share of the earliest possible end, while only the
+few operations still running at the horizon pay for the tight polling.
 
-After a miss, polls back off geometrically with the job's age (next wait = age * (growth - 1)).
-While jobs are still being submitted that wastes nothing; once nothing is left to submit the
-slowest job decides the finish, so every wait is then capped at a small share of the run's
-elapsed time, which bounds how late the last result is seen to that share.
+The horizon is the later of two bounds: the quota's (``slack``: submitting goes on that long, and
+the last job then takes at least a low quantile of the latency) and the running operations' (the
+time past which ``alive`` of them are still expected to run, from the learned survival function
+conditioned on each one's age; with ``alive=3`` the run ends later than it with about 95%
+probability). Latency is learned online in a log-bucketed histogram from censored observations
+(an operation found done at age ``a`` after a miss at ``b`` finished in ``(b, a]``; it is recorded
+at the interval's geometric middle). Before enough operations have finished, a prior stands in
+(the docs say completions take minutes): a first poll at ``prior`` seconds, then back-off by
+``prior_growth``, so a result waits at most that share of its own latency beyond the first poll.
+Everything here is clock-free: callers pass ages and times, in seconds.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _LO = 1e-3  # seconds; the histogram's first bucket
 _RATIO = 1.08  # bucket width: quantiles are read to within 8%
 _BUCKETS = 300  # up to _LO * _RATIO**300, about 10^7 s
+_LOG_RATIO = math.log(_RATIO)
+TAIL_EXPONENT = 20.0
+EXACT_UP_TO = 2000  # running operations weighed one by one in the horizon; more are bucketed
+
+
+def _bucket(seconds: float) -> int:
+    return min(_BUCKETS - 1, max(0, int(math.log(max(seconds, _LO) / _LO) / _LOG_RATIO)))
+
+
+def _middle(i: int) -> float:
+    return float(_LO * _RATIO ** (i + 0.5))  # the bucket's middle, in log space
 
 
 @dataclass
 class LatencySketch:
-    counts: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
-    n: int = 0
-    _cache: dict[float, float] = field(default_factory=dict)  # quantiles until the next add
+    """The latency distribution, from interval-censored observations, on log-spaced buckets.
 
-    def add(self, seconds: float) -> None:
-        i = int(math.log(max(seconds, _LO) / _LO) / math.log(_RATIO))
-        self.counts[min(i, _BUCKETS - 1)] += 1
+    A poll shows only that an operation finished within an interval: ``(b, a]`` after a miss at
+    age ``b`` and a hit at ``a``, or ``(0, a]`` when the first poll found it done. Recording a
+    point for each (say the interval's middle) biases the estimate towards the polling schedule,
+    and a patient schedule feeds on that bias; instead the distribution is the self-consistent
+    (Turnbull) estimate: EM over the buckets, a few iterations per refresh, warm-started. Each
+    iteration is linear in buckets plus distinct intervals, so a refresh costs microseconds.
+    """
+
+    n: int = 0
+    intervals: dict[tuple[int, int], int] = field(default_factory=dict)
+    censored: dict[int, int] = field(default_factory=dict)  # running: bucket of age -> count
+    p: list[float] = field(default_factory=list)  # probability per bucket
+    _fresh: bool = False
+    _cache: dict[float, float] = field(default_factory=dict)
+    _tail: list[float] = field(default_factory=list)  # survival per bucket
+    _top: int = 0  # the last bucket holding probability
+
+    def add(self, lo: float, hi: float) -> None:
+        """An operation finished after ``lo`` seconds and at most ``hi`` (``lo`` may be 0)."""
+        top = _bucket(hi)
+        # a miss at ``lo`` rules out lo's own bucket (else the hit's and the miss's intervals
+        # would share it, and the estimate would pile everything there)
+        key = (min(_bucket(lo) + 1, top) if lo > 0 else 0, top)
+        self.intervals[key] = self.intervals.get(key, 0) + 1
         self.n += 1
+        self._fresh = False
+
+    def _refresh(self) -> None:
+        if self._fresh:
+            return
+        self._fresh = True
         self._cache.clear()
+        if not self.n:
+            return
+        high = max(max(b for _, b in self.intervals), max(self.censored, default=0)) + 1
+        spans = list(self.intervals.items())
+        # a running operation finished (will finish) after its age, within the range seen
+        spans += [((min(i + 1, high - 1), high - 1), c) for i, c in self.censored.items()]
+        low = min(a for a, _ in self.intervals)
+        # a little mass everywhere the observations reach: EM is multiplicative, and a bucket
+        # that once held none could never gain any, whatever later polls show
+        floor = [1e-4 / (high - low) if low <= j < high else 0.0 for j in range(_BUCKETS)]
+        p = self.p or floor
+        for _ in range(8 if self.p else 30):
+            prefix = [0.0]
+            for x in p:
+                prefix.append(prefix[-1] + x)
+            coef = [0.0] * (_BUCKETS + 1)
+            for (a, b), c in spans:
+                mass = prefix[b + 1] - prefix[a]
+                w = c / (mass if mass > 1e-12 else 1e-12)
+                coef[a] += w
+                coef[b + 1] -= w
+            run, p2 = 0.0, []
+            for j in range(_BUCKETS):
+                run += coef[j]
+                p2.append(p[j] * run)
+            total = sum(p2) or 1.0
+            p = [x / total * (1 - 1e-4) + f for x, f in zip(p2, floor, strict=True)]
+        self.p = p
+        left, tail = 1.0, []
+        for x in p:
+            left -= x
+            tail.append(max(left, 0.0))
+        self._tail = tail
+        self._top = max((i for i, x in enumerate(p) if x > 1e-9), default=0)
 
     def quantile(self, q: float) -> float:
+        self._refresh()
         if q not in self._cache:
-            self._cache[q] = self._quantile(q)
+            seen, found = 0.0, _middle(_BUCKETS - 1)
+            for i, x in enumerate(self.p):
+                seen += x
+                if seen >= q - 1e-12 and x > 0:
+                    found = _middle(i)
+                    break
+            self._cache[q] = found
         return self._cache[q]
 
-    def _quantile(self, q: float) -> float:
-        target = q * self.n
-        seen = 0
-        for i, c in enumerate(self.counts):
-            seen += c
-            if seen >= target and c:
-                return float(_LO * _RATIO ** (i + 0.5))  # the bucket's middle, in log space
-        return float(_LO * _RATIO**_BUCKETS)
+    def survival(self, seconds: float) -> float:
+        """P(latency > seconds); past the longest latency seen, a power-law tail (exponent
+        ``TAIL_EXPONENT``), so an operation older than any seen to finish is expected to finish
+        eventually rather than to run forever."""
+        self._refresh()
+        i = _bucket(seconds)
+        floor = 0.5 / max(self.n, 1)
+        if i < self._top:
+            return max(self._tail[i], floor)
+        top = _middle(self._top)
+        return float(floor * (top / max(seconds, top)) ** TAIL_EXPONENT)
 
 
 @dataclass
 class PollPolicy:
-    quantile: float = 0.85
-    growth: float = 2.0
-    tail_share: float = 0.03
-    initial: float = 1.0
+    quantile: float = 0.85  # first poll when the run is near its end
+    patient_quantile: float = 0.99  # first poll while the quota keeps the run going anyway
+    growth: float = 2.0  # back-off after a miss: next wait = age * (growth - 1)
+    tail_share: float = 0.005  # from the horizon on, no wait exceeds this share of the run
+    alive: float = 3.0  # the horizon: when this many operations are still expected to run
+    prior: float = 15.0  # first poll before anything is learned (the docs say minutes)
+    prior_growth: float = 1.18  # the scouts' back-off before anything is learned
+    scouts: int = 20  # a run's first operations: polled finely until the latency is learned
     min_wait: float = 0.02
-    max_wait: float = 600.0
     min_samples: int = 20
-    patient_quantile: float = 0.99
     sketch: LatencySketch = field(default_factory=LatencySketch)
 
     @property
+    def learned(self) -> bool:
+        return self.sketch.n >= self.min_samples
+
+    @property
     def first(self) -> float:
-        if self.sketch.n < self.min_samples:
-            return self.initial
-        return min(self.max_wait, max(self.min_wait, self.sketch.quantile(self.quantile)))
-
-    def first_wait(self, slack: float = 0.0) -> float:
-        """Delay of a new operation's first poll.
-
-        ``slack`` is how long the run must go on anyway (the quota's time to submit what is
-        still pending). A result seen before then does not bring the end nearer, so the poll
-        waits up to that long, as late as the ``patient_quantile`` when there is room, and
-        no earlier than the usual quantile: in a quota-bound run almost every job is then
-        found done by its first poll.
-        """
-        first = self.first
-        if self.sketch.n < self.min_samples:
-            return first
-        patient = min(self.max_wait, self.sketch.quantile(self.patient_quantile))
-        return max(first, min(slack, patient))
+        """The first-poll delay near the end of a run (and the expected latency, for an ETA)."""
+        return self.sketch.quantile(self.quantile) if self.learned else self.prior
 
     def observe_done(self, last_miss: float, age: float) -> None:
-        """A poll at ``age`` found the job done; the previous poll (if any) missed at ``last_miss``."""
-        self.sketch.add(math.sqrt(last_miss * age) if last_miss > 0 else age / 2)
+        """A poll at ``age`` found it done; the previous poll (if any) missed at ``last_miss``."""
+        self.sketch.add(last_miss, age)
 
-    def cap(self, *, elapsed: float, draining: bool) -> float:
-        if not draining:
-            return self.max_wait
-        return min(self.max_wait, max(self.min_wait, self.tail_share * elapsed))
+    def horizon(self, slack: float, ages: Sequence[float] = ()) -> float:
+        """Seconds from now before which the run cannot end (see the module docstring).
 
-    def next_wait(self, age: float, *, elapsed: float, draining: bool) -> float:
+        ``slack``: how long submitting goes on; ``ages``: of the operations not yet seen done.
+        With nothing learned there is none: infinity (nothing is pulled in).
+        """
+        count: dict[int, int] = {}  # ages by bucket: the cost is per bucket, not per operation
+        total: dict[int, float] = {}
+        for age in ages:
+            i = _bucket(age)
+            count[i] = count.get(i, 0) + 1
+            total[i] = total.get(i, 0.0) + age
+        self.sketch.censored = count
+        self.sketch._fresh = False
+        if not self.learned:
+            return math.inf
+        quota = slack + self.sketch.quantile(0.05) if slack > 0 else 0.0
+        survival = self.sketch.survival
+        if len(ages) <= EXACT_UP_TO:  # few enough to weigh each (the tail's few matter most)
+            ops = [(age, 1.0 / survival(age)) for age in ages]
+        else:
+            mean = {i: total[i] / n for i, n in count.items()}
+            ops = [(mean[i], n / survival(mean[i])) for i, n in count.items()]
+        if not ops:
+            return quota
+
+        def expected_alive(t: float) -> float:  # operations still running t seconds from now
+            return sum(survival(age + t) * w for age, w in ops)
+
+        if expected_alive(0.0) < self.alive:
+            return quota
+        lo, hi = 0.0, 1.0
+        while expected_alive(hi) >= self.alive and hi < 1e7:
+            lo, hi = hi, hi * 2
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if expected_alive(mid) >= self.alive else (lo, mid)
+        return max(quota, lo)
+
+    def _cap(self, horizon: float, elapsed: float) -> float:
+        return max(horizon, self.tail_share * elapsed, self.min_wait)
+
+    def first_wait(self, *, slack: float, horizon: float, elapsed: float) -> float:
+        """Delay of a new operation's first poll.
+
+        While the quota still has a long way to go (``slack``), a result seen sooner cannot end
+        the run sooner, so the first poll waits up to the ``patient_quantile`` of the latency,
+        but no less than the usual ``quantile``; and never past the horizon's tail.
+        """
+        if not self.learned:
+            return self.prior
+        q = self.sketch.quantile
+        wait = max(q(self.quantile), min(slack, q(self.patient_quantile)))
+        return max(self.min_wait, min(wait, self._cap(horizon, elapsed)))
+
+    def scout(self, ordinal: int) -> bool:
+        """Whether the run's ``ordinal``-th operation (from 0) is polled finely while nothing is
+        learned: these teach the policy the latency (and are all of a small batch)."""
+        return ordinal < self.scouts
+
+    def next_wait(
+        self, age: float, *, horizon: float, elapsed: float, scout: bool = False
+    ) -> float:
         """Seconds from now to the next poll of an operation ``age`` seconds old, not yet done."""
-        wait = max(self.first - age, age * (self.growth - 1))
-        return max(self.min_wait, min(wait, self.cap(elapsed=elapsed, draining=draining)))
+        if not self.learned:
+            growth = self.prior_growth if scout else self.growth
+            wait = max(self.prior - age, age * (growth - 1))
+        else:
+            wait = min(max(self.first - age, age * (self.growth - 1)), self._cap(horizon, elapsed))
+        return max(self.min_wait, wait)

@@ -78,7 +78,7 @@ async def snapshot(sch: Scheduler, base: dict[str, int], prices: dict[str, float
     tokens = int(await db.value("SELECT total_tokens FROM totals") or 0)
     usage = {str(m): int(t) for m, t in await db.rows("SELECT model, total_tokens FROM usage_by_model")}
     now = time.monotonic()
-    started = now - (anyio.current_time() - sch._t0)  # rates over the run until a first mark
+    started = now - (anyio.current_time() - sch.t0)  # rates over the run until a first mark
     then, submits, polls = getattr(sch, "_progress_mark", (started, 0, 0))
     span = max(1e-6, now - then)
     sch._progress_mark = (now, sch.stats.submitted, sch.stats.polls)  # type: ignore[attr-defined]

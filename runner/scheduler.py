@@ -18,8 +18,6 @@ the run with ``CredentialsError``; state stays committed and the next run resume
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
 import math
 import sqlite3
@@ -31,7 +29,6 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from runner import wire
 from runner.backoff import delay
 from runner.breaker import Breaker
 from runner.client import ApiError, Client
@@ -41,7 +38,6 @@ from runner.jobs import (
     Answered,
     ApiFailure,
     Attempt,
-    Cancelled,
     Charged,
     Claim,
     Failed,
@@ -50,6 +46,7 @@ from runner.jobs import (
     Submitted,
 )  # fmt: skip
 from runner.pacing import Pacer
+from runner.poller import Poller
 from runner.polling import PollPolicy
 from runner.queue import Applied, Queue
 from runner.writer import Writer
@@ -64,6 +61,7 @@ class Settings:
     submit_per_hour: int | None = 5000
     quota_window: float = 3600.0  # seconds in the hourly quota's window (compressed in benchmarks)
     poll_rps: float = 50.0
+    poll_share: float = 0.9  # of the poll quota the poller may plan to use
     mode: str = "async"  # or "sync": POST /completion, no polling
     sync_concurrency: int = 10
     max_faults: int = 5
@@ -114,29 +112,26 @@ class Scheduler:
         sync = settings.mode == "sync"
         self.submit_pacer = Pacer(settings.submit_rps, None if sync else settings.submit_per_hour,
                                   hour=settings.quota_window)  # fmt: skip
-        self.poll_pacer = Pacer(settings.poll_rps)
+        self.poll_pacer = Pacer(settings.poll_rps * settings.poll_share)
         kw: dict[str, Any] = {"first_probe": settings.probe_first, "max_probe": settings.probe_max}
         self.breakers: dict[str, Breaker[Any]] = {
             "submit": Breaker[tuple[Attempt, ApiFailure]]("submit", distinct=2, **kw),
             "poll": Breaker[None]("poll", distinct=1, **kw),
         }
         self._outage_since: dict[str, float] = {}
-        self._heap: list[tuple[float, int, Running]] = []
-        self._seq = itertools.count()
-        self._heap_changed = anyio.Event()
         self._work_changed = anyio.Event()
         self.done = anyio.Event()
-        self.draining = False
         self.started = time.time()
-        self._t0 = anyio.current_time()
-        self._inflight = 0
+        self.t0 = anyio.current_time()
+        self._inflight = 0  # sync requests on the wire
+        self.poller = Poller(self)
         self.listener: Callable[[], None] = lambda: None  # told after every commit
         writer.on_applied = self._applied
 
     @property
     def tracked(self) -> int:
         """Operations the poller is watching (or, in sync mode, requests on the wire)."""
-        return len(self._heap) + self._inflight
+        return len(self.poller.heap) + self.poller.inflight + self._inflight
 
     @property
     def pending(self) -> int:
@@ -161,9 +156,10 @@ class Scheduler:
         self.submit_pacer.seed(t + offset for t in await self.queue.recent_submits(since))
         workers.start_soon(self._submitter, workers)
         workers.start_soon(self._watchdog)
-        if self.s.mode == "async":
-            workers.start_soon(self._poller, workers)
-            workers.start_soon(self._loader)
+        # in sync mode too: operations an async run left running are still to be collected
+        workers.start_soon(self.poller.run, workers)
+        workers.start_soon(self.poller.loader)
+        workers.start_soon(self.poller.ticker)
 
     def _applied(self, applied: Applied) -> None:
         self.stats.finished += applied.finished
@@ -171,14 +167,17 @@ class Scheduler:
         self.stats.stale += applied.stale
         self.outstanding -= applied.finished
         if applied.advanced or applied.requeued:
-            self._work_changed.set()
+            self.work_changed()
         if self.outstanding <= 0:
             self.done.set()
         self.listener()
 
     # -- outages --------------------------------------------------------------------------
 
-    def _noted(self, family: str, was_open: bool) -> None:
+    def work_changed(self) -> None:
+        self._work_changed.set()
+
+    def noted(self, family: str, was_open: bool) -> None:
         """Log once when a breaker opens and once when it closes."""
         b = self.breakers[family]
         if b.is_open and not was_open:
@@ -208,7 +207,7 @@ class Scheduler:
                         "rerun to resume"
                     )
 
-    async def _gate(self, family: str) -> None:
+    async def gate(self, family: str) -> None:
         """Wait until a request of ``family`` may go: at once when closed, else as the probe."""
         b = self.breakers[family]
         while not b.allow(anyio.current_time()):  # noqa: ASYNC110 - a deadline, not a handoff
@@ -230,7 +229,7 @@ class Scheduler:
                 await self._wait_for_work(next_at)
                 continue
             was_open = breaker.is_open
-            await self._gate("submit")
+            await self.gate("submit")
             # claim what the pacer lets out in the next ~100 ms (one, as a probe): few jobs are
             # ever "submitting" at once, so a kill leaves few ambiguous submits behind
             batch = 1 if breaker.is_open else max(1, min(64, int(self.submit_pacer.rate * 0.1)))
@@ -241,7 +240,6 @@ class Scheduler:
             if not claims:
                 breaker.probing = False
                 continue
-            self.draining = False
             unsent = list(claims)
             try:
                 while unsent and (not breaker.is_open or was_open):
@@ -258,8 +256,6 @@ class Scheduler:
                         await self.queue.unclaim(unsent)
 
     async def _wait_for_work(self, next_at: float | None) -> None:
-        if next_at is None:
-            self._start_draining()
         wait = 1.0 if next_at is None else min(1.0, max(0.0, next_at - time.time()))
         self._work_changed = anyio.Event()
         with anyio.move_on_after(wait):
@@ -290,14 +286,15 @@ class Scheduler:
                 op_id = await self.client.submit(body, claim.idem_key)
         except ApiError as e:
             await self._submit_failed(claim, stamp, sent, e)
-            self._noted("submit", was_open)
+            self.noted("submit", was_open)
             return
         except CredentialsError:
             self.submit_pacer.refund(stamp)
             self.writer.emit(Requeued(a, 0.0))
             raise
         _, proven = breaker.success(sent, a.rowid)
-        self._noted("submit", was_open)
+        self.submit_pacer.accepted(stamp)
+        self.noted("submit", was_open)
         for s in proven:
             self.writer.emit(Charged(s.payload[0], time.time(), s.payload[1], self.s.max_faults))
         self.stats.submitted += 1
@@ -307,8 +304,7 @@ class Scheduler:
             return
         self.writer.emit(Submitted(a, op_id, now))
         log.debug("submitted %s (attempt %d) as operation %s", claim.id, a.fence, op_id)
-        running = Running(a.running(op_id), now, claim.resubmits)
-        self._schedule(running, self.policy.first_wait(self.slack()))
+        self.poller.submitted_now(Running(a.running(op_id), now, claim.resubmits))
 
     async def _submit_failed(self, claim: Claim, stamp: float, sent: float, e: ApiError) -> None:
         a, now, emit = claim.attempt, time.time(), self.writer.emit
@@ -317,7 +313,7 @@ class Scheduler:
             self.submit_pacer.refund(stamp)  # nothing was accepted: it does not use the quota
         if e.kind == "rate":
             self.stats.throttled += 1
-            self.submit_pacer.throttle(e.retry_after)
+            self.submit_pacer.refused(stamp, e.retry_after)
             emit(Requeued(a, now, error=e.failure()))
             return
         if e.kind == "invalid":
@@ -363,145 +359,3 @@ class Scheduler:
         except ApiError as e:
             return e.kind not in ("transient",)
         return True
-
-    # -- polling --------------------------------------------------------------------------
-
-    def _start_draining(self) -> None:
-        """Nothing left to submit: from now on the slowest job decides the finish, so pull
-        every poll already scheduled in to the tail cap (waits set earlier did not have it)."""
-        if self.draining:
-            return
-        self.draining = True
-        now = anyio.current_time()
-        latest = now + self.policy.cap(elapsed=now - self._t0, draining=True)
-        self._heap = [(min(due, latest), seq, op) for due, seq, op in self._heap]
-        heapq.heapify(self._heap)
-        self._heap_changed.set()
-
-    def _schedule(self, op: Running, wait: float) -> None:
-        due = anyio.current_time() + wait
-        if not self._heap or due < self._heap[0][0]:
-            self._heap_changed.set()
-        heapq.heappush(self._heap, (due, next(self._seq), op))
-
-    async def _loader(self) -> None:
-        """Operations submitted before this run began: poll them, never resubmit them."""
-        after: tuple[float, int] = (-math.inf, 0)
-        while page := await self.queue.running_page(after, 1000, before=self.started):
-            now = time.time()
-            for op in page:
-                self._schedule(op, max(0.0, self.policy.first - (now - op.submitted_at)))
-            after = (page[-1].submitted_at, page[-1].attempt.rowid)
-            while len(self._heap) > 50_000:  # noqa: ASYNC110 - a bound, not a handoff
-                await anyio.sleep(0.5)
-
-    async def _poller(self, workers: TaskGroup) -> None:
-        limiter = anyio.Semaphore(self.s.poll_concurrency)
-        while True:
-            if not self._heap:
-                self._heap_changed = anyio.Event()
-                await self._heap_changed.wait()
-                continue
-            due, now = self._heap[0][0], anyio.current_time()
-            if due > now:
-                self._heap_changed = anyio.Event()
-                with anyio.move_on_after(due - now):
-                    await self._heap_changed.wait()
-                continue
-            await self._gate("poll")
-            if not self._heap:
-                self.breakers["poll"].probing = False
-                continue
-            _, _, op = heapq.heappop(self._heap)
-            await limiter.acquire()
-            await self.poll_pacer.slot()
-            workers.start_soon(self._poll_one, op, limiter)
-
-    async def _poll_one(self, op: Running, limiter: anyio.Semaphore) -> None:
-        self._inflight += 1
-        try:
-            await self._poll(op)
-        finally:
-            self._inflight -= 1
-            limiter.release()
-
-    async def _poll(self, op: Running) -> None:
-        op.polls += 1
-        self.stats.polls += 1
-        sent, breaker = anyio.current_time(), self.breakers["poll"]
-        was_open = breaker.is_open
-        try:
-            state = await self.client.poll(op.operation_id)
-        except ApiError as e:
-            self._poll_failed(op, sent, e)
-            self._noted("poll", was_open)
-            return
-        breaker.success(sent, op.attempt.rowid)
-        self._noted("poll", was_open)
-        op.errors = 0
-        now = time.time()
-        age = now - op.submitted_at
-        if not state.done:
-            log.debug("operation %s still running at %.1f s", op.operation_id, age)
-            if age > self.s.op_deadline:
-                self._gone(op, f"did not finish within {self.s.op_deadline / 3600:g} h "
-                           "(--op-deadline)", 4, stuck=True)  # fmt: skip
-                return
-            op.last_miss = age
-            elapsed = anyio.current_time() - self._t0
-            self._schedule(op, self.policy.next_wait(age, elapsed=elapsed, draining=self.draining))
-            return
-        log.debug("operation %s finished after %.1f s (poll %d)", op.operation_id, age, op.polls)
-        if op.polls > 1 or age < 2 * self.policy.first:  # not a resumed, long-gone job
-            self.policy.observe_done(op.last_miss, age)
-        if state.completion is not None:
-            self.writer.emit(Answered(op.attempt, now, state.completion, op.polls))
-        elif state.cancelled:
-            self.writer.emit(Cancelled(op.attempt, now))
-        elif state.failure is not None and state.failure.code in wire.TRANSIENT_OPERATION_CODES:
-            self._gone(op, f"ended with a transient error (code {state.failure.code}: "
-                       f"{state.failure.message})", state.failure.code)  # fmt: skip
-        else:
-            assert state.failure is not None
-            self.writer.emit(Failed(op.attempt, now, state.failure, op.polls))
-
-    def _gone(self, op: Running, why: str, code: int, stuck: bool = False) -> None:
-        """The operation will not give an answer: submit the job again (capped), or fail it."""
-        now = time.time()
-        if (self.s.resubmit_stuck or not stuck) and op.resubmits < self.s.max_resubmits:
-            self.writer.emit(Requeued(op.attempt, now, polls=op.polls, resubmit=True,
-                                      error=ApiFailure(code, f"operation {why}")))  # fmt: skip
-            return
-        hint = ("; rerun with --resubmit-stuck to send it again" if stuck and not
-                self.s.resubmit_stuck else f" (submitted {op.resubmits + 1} times, --max-resubmits "
-                f"{self.s.max_resubmits})")  # fmt: skip
-        failure = ApiFailure(code, f"operation {op.operation_id} {why}{hint}")
-        self.writer.emit(Failed(op.attempt, now, failure, op.polls))
-
-    def _poll_failed(self, op: Running, sent: float, e: ApiError) -> None:
-        now, age = time.time(), time.time() - op.submitted_at
-        if e.kind == "not_found":
-            if age >= self.s.retention:  # results are kept 3 days: this one expired
-                self._gone(op, f"expired on the server ({age / 3600:.0f} h after it was "
-                           "submitted)", 5)  # fmt: skip
-                return
-            raise CredentialsError(
-                f"the operation service answered 404 for operation {op.operation_id}, submitted "
-                f"{age:.0f} s ago; results are kept for 3 days, so this is not expiry: check "
-                f"--operation-url ({self.client.operation_url}), the folder id and the "
-                "credentials. State is saved; rerun to resume"
-            )
-        if e.kind in ("forbidden", "invalid"):
-            raise CredentialsError(f"poll refused ({e.short}): {e.message}; rerun to resume")
-        op.errors += 1
-        if e.kind == "rate":
-            self.stats.throttled += 1
-            self.poll_pacer.throttle(e.retry_after)
-        elif e.kind == "malformed":
-            op.faults += 1
-            if op.faults >= self.s.max_faults:
-                self.writer.emit(Failed(op.attempt, now, e.failure(), op.polls, charged=True))
-                return
-        else:  # transient: never the operation's fault, and never a reason to give it up
-            self.breakers["poll"].failure(anyio.current_time(), sent, op.attempt.rowid, e.short)
-        self._schedule(op, delay(op.errors, base=0.5, cap=30.0, retry_after=e.retry_after))

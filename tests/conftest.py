@@ -33,6 +33,7 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("YC_API_KEY", SENTINEL_KEY)
     monkeypatch.setenv("YC_FOLDER_ID", "b1gtestfolder")
+    monkeypatch.setenv("RUNNER_LATENCY_PRIOR", "0.2")  # the emulator answers in a second, not minutes
     backoff.set_testing(True)
 
 
@@ -90,7 +91,7 @@ def fast_settings(**kw: Any) -> Settings:
     kw.setdefault("poll_rps", 500.0)
     kw.setdefault("probe_first", 0.05)
     kw.setdefault("probe_max", 0.2)
-    kw.setdefault("policy", PollPolicy(initial=0.02, min_wait=0.01))
+    kw.setdefault("policy", PollPolicy(prior=0.02, min_wait=0.01))
     return Settings(**kw)
 
 

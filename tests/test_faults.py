@@ -91,7 +91,9 @@ async def test_hourly_quota_window_is_respected_across_windows(
     report = await run_against(e, tmp_path, jobs(tmp_path, 12), settings=settings)
     assert report.exit_code == 0
     all_done(tmp_path, 12)
-    assert e.stats["submit_429"] == 0  # paced by the window, not pushed back by the server
+    # paced by the window, not pushed back by the server: the only 429s are the probes sent
+    # while the window is full (one at a time, at growing intervals), a few per window
+    assert e.stats.get("submit_429", 0) <= 8 * 3
 
 
 async def test_poll_429_is_absorbed(make_emulator: Any, tmp_path: Path) -> None:

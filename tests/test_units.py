@@ -6,7 +6,6 @@ import pytest
 
 from runner import backoff
 from runner.pacing import Pacer
-from runner.polling import PollPolicy
 from runner.wire import (
     Malformed,
     classify,
@@ -80,68 +79,12 @@ async def test_pacer_room_counts_what_the_hour_has_left() -> None:
     assert await pacer.room() == 3
 
 
-def simulate(policy: PollPolicy, latencies: list[float]) -> list[float]:
-    """Poll each job as the scheduler would; returns the first-poll delay seen by each job."""
-    firsts = []
-    for lat in latencies:
-        age, last_miss = policy.first, 0.0
-        firsts.append(age)
-        while lat > age:
-            last_miss = age
-            age += policy.next_wait(age, elapsed=0.0, draining=False)
-        policy.observe_done(last_miss, age)
-    return firsts
-
-
-def test_first_poll_delay_settles_near_the_quantile() -> None:
-    import random
-
-    rng = random.Random(1)
-    policy = PollPolicy(quantile=0.85, initial=1.0)
-    latencies = [rng.uniform(5.0, 15.0) for _ in range(4000)]
-    firsts = simulate(policy, latencies)
-    # the 0.85 quantile of U(5, 15) is 13.5; a fraction ~q of jobs is done at the first poll
-    assert 12.0 < sum(firsts[-1000:]) / 1000 < 15.0
-    done_first = sum(lat <= f for lat, f in zip(latencies[-1000:], firsts[-1000:], strict=True))
-    assert 0.75 < done_first / 1000 < 0.95
-
-
-def test_a_burst_of_misses_cannot_run_the_estimate_away() -> None:
-    policy = PollPolicy(initial=1.0)
-    for _ in range(5000):  # thousands of first polls that all missed, nothing finished yet
-        policy.next_wait(1.0, elapsed=0.0, draining=False)
-    assert policy.first == 1.0
-    for _ in range(100):
-        policy.observe_done(1.0, 2.0)  # then they finish between 1 s and 2 s
-    assert 1.2 < policy.first < 1.6
-
-
-def test_first_wait_uses_slack_between_the_quantiles() -> None:
-    policy = PollPolicy(quantile=0.85, patient_quantile=0.99)
-    assert policy.first_wait(slack=1000.0) == policy.initial  # nothing learned yet
-    for i in range(1000):
-        policy.observe_done(0.0, 2.0 * (1 + i % 100) / 100 * 10)  # completions spread 0.1..10 s
-    low, high = policy.first, policy.sketch.quantile(0.99)
-    assert low < high
-    assert policy.first_wait(slack=0.0) == low  # the run is ending: no patience
-    assert policy.first_wait(slack=1e9) == high  # far from the end: wait for almost all
-    assert policy.first_wait(slack=(low + high) / 2) == (low + high) / 2
-
-
 async def test_pacer_horizon_counts_hourly_windows() -> None:
     pacer = Pacer(rate=10.0, per_hour=100, hour=100.0)
     assert pacer.horizon(0) == 0.0
     assert pacer.horizon(50) == pytest.approx(5.0)  # within the room left: the pace decides
     # 250 more: 100 now, then two more windows of 101 s (the 1% margin) each
     assert pacer.horizon(250) == pytest.approx(2 * 101.0, rel=0.01)
-
-
-def test_next_wait_backs_off_geometrically_and_caps_in_the_tail() -> None:
-    policy = PollPolicy(initial=10.0, growth=2.0, tail_share=0.03)
-    assert policy.next_wait(0.0, elapsed=0, draining=False) == pytest.approx(10.0)
-    assert policy.next_wait(10.0, elapsed=0, draining=False) == pytest.approx(10.0)
-    assert policy.next_wait(40.0, elapsed=0, draining=False) == pytest.approx(40.0)
-    assert policy.next_wait(40.0, elapsed=1000, draining=True) == pytest.approx(30.0)
 
 
 def test_both_error_shapes_parse() -> None:

@@ -1,0 +1,211 @@
+"""Polling running operations: a heap ordered by when each is next worth polling.
+
+The poller pops due operations and polls them within the poll pacer (a configured share of the
+poll quota, so it never plans more polls a second than that), each in its own task. When to
+poll is the pure ``polling.PollPolicy``'s decision; this module feeds it what the run knows.
+Once a second a tick recomputes the policy's horizon (the time before which the run cannot end,
+from the quota's slack and the ages of the operations still running) and pulls every poll
+scheduled past it in to it, so no operation that might be the last one sleeps through the end.
+The loader feeds the heap the operations submitted before this run began (a previous run's).
+
+A poll's answer becomes an outcome for the writer: an answer, an operation error (transient
+codes resubmit the job, capped; others fail it), or an operation gone: expired past the 3-day
+retention (resubmit), or answering 404 younger than that, which means a wrong URL, folder or key
+and stops the run. Transient failures of polls are never the operation's fault: they feed the
+poll breaker and the operation is polled again later, however long the outage lasts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskGroup
+
+from runner import wire
+from runner.backoff import delay
+from runner.client import ApiError
+from runner.errors import CredentialsError
+from runner.jobs import Answered, ApiFailure, Cancelled, Failed, Requeued, Running
+
+if TYPE_CHECKING:
+    from runner.scheduler import Scheduler
+
+log = logging.getLogger("runner.poller")
+
+
+class Poller:
+    def __init__(self, sch: Scheduler) -> None:
+        self.sch = sch
+        self.s = sch.s
+        self.policy = sch.policy
+        self.heap: list[tuple[float, int, Running]] = []
+        self._seq = itertools.count()
+        self._changed = anyio.Event()
+        self.inflight = 0
+        self.horizon_at = math.inf  # monotonic time before which the run cannot end
+        self.submitted = 0  # operations this run put in the heap: the first ones are scouts
+
+    def schedule(self, op: Running, wait: float) -> None:
+        due = anyio.current_time() + wait
+        if not self.heap or due < self.heap[0][0]:
+            self._changed.set()
+        heapq.heappush(self.heap, (due, next(self._seq), op))
+
+    def _elapsed(self) -> float:
+        return anyio.current_time() - self.sch.t0
+
+    def _horizon(self) -> float:
+        return max(0.0, self.horizon_at - anyio.current_time())
+
+    def submitted_now(self, op: Running) -> None:
+        """A new operation: schedule its first poll."""
+        op.scout = self.policy.scout(self.submitted)
+        self.submitted += 1
+        wait = self.policy.first_wait(slack=self.sch.slack(), horizon=self._horizon(),
+                                      elapsed=self._elapsed())  # fmt: skip
+        self.schedule(op, wait)
+
+    async def loader(self) -> None:
+        """Operations submitted before this run began: poll them, never resubmit them."""
+        after: tuple[float, int] = (-math.inf, 0)
+        while page := await self.sch.queue.running_page(after, 1000, before=self.sch.started):
+            now = time.time()
+            for op in page:
+                self.schedule(op, max(0.0, self.policy.first - (now - op.submitted_at)))
+            after = (page[-1].submitted_at, page[-1].attempt.rowid)
+            while len(self.heap) > 50_000:  # noqa: ASYNC110 - a bound, not a handoff
+                await anyio.sleep(0.5)
+
+    async def ticker(self) -> None:
+        """Once a second: the horizon, and every poll scheduled past it pulled in to it."""
+        while True:
+            await anyio.sleep(1.0)
+            now, wall = anyio.current_time(), time.time()
+            ages = [wall - op.submitted_at for _, _, op in self.heap]
+            self.horizon_at = now + self.policy.horizon(self.sch.slack(), ages)
+            latest = now + max(self.horizon_at - now, self.policy.tail_share * self._elapsed(),
+                               self.policy.min_wait)  # fmt: skip
+            if latest < math.inf and any(due > latest for due, _, _ in self.heap):
+                self.heap = [(min(due, latest), n, op) for due, n, op in self.heap]
+                heapq.heapify(self.heap)
+                self._changed.set()
+
+    async def run(self, workers: TaskGroup) -> None:
+        limiter = anyio.Semaphore(self.s.poll_concurrency)
+        breaker = self.sch.breakers["poll"]
+        while True:
+            if not self.heap:
+                self._changed = anyio.Event()
+                await self._changed.wait()
+                continue
+            due, now = self.heap[0][0], anyio.current_time()
+            if due > now:
+                self._changed = anyio.Event()
+                with anyio.move_on_after(due - now):
+                    await self._changed.wait()
+                continue
+            await self.sch.gate("poll")
+            if not self.heap:
+                breaker.probing = False
+                continue
+            _, _, op = heapq.heappop(self.heap)
+            await limiter.acquire()
+            await self.sch.poll_pacer.slot()
+            workers.start_soon(self._poll_one, op, limiter)
+
+    async def _poll_one(self, op: Running, limiter: anyio.Semaphore) -> None:
+        self.inflight += 1
+        try:
+            await self._poll(op)
+        finally:
+            self.inflight -= 1
+            limiter.release()
+
+    async def _poll(self, op: Running) -> None:
+        op.polls += 1
+        self.sch.stats.polls += 1
+        sent, breaker = anyio.current_time(), self.sch.breakers["poll"]
+        was_open = breaker.is_open
+        try:
+            state = await self.sch.client.poll(op.operation_id)
+        except ApiError as e:
+            self._failed(op, sent, e)
+            self.sch.noted("poll", was_open)
+            return
+        breaker.success(sent, op.attempt.rowid)
+        self.sch.noted("poll", was_open)
+        op.errors = 0
+        now = time.time()
+        age = now - op.submitted_at
+        emit = self.sch.writer.emit
+        if not state.done:
+            log.debug("operation %s still running at %.1f s", op.operation_id, age)
+            if age > self.s.op_deadline:
+                self._gone(op, f"did not finish within {self.s.op_deadline / 3600:g} h "
+                           "(--op-deadline)", 4, stuck=True)  # fmt: skip
+                return
+            op.last_miss = age
+            self.schedule(op, self.policy.next_wait(age, horizon=self._horizon(),
+                                                    elapsed=self._elapsed(), scout=op.scout))  # fmt: skip
+            return
+        log.debug("operation %s finished after %.1f s (poll %d)", op.operation_id, age, op.polls)
+        if op.polls > 1 or age < 2 * self.policy.first:  # not a resumed, long-gone job
+            self.policy.observe_done(op.last_miss, age)
+        if state.completion is not None:
+            emit(Answered(op.attempt, now, state.completion, op.polls))
+        elif state.cancelled:
+            emit(Cancelled(op.attempt, now))
+        elif state.failure is not None and state.failure.code in wire.TRANSIENT_OPERATION_CODES:
+            self._gone(op, f"ended with a transient error (code {state.failure.code}: "
+                       f"{state.failure.message})", state.failure.code)  # fmt: skip
+        else:
+            assert state.failure is not None
+            emit(Failed(op.attempt, now, state.failure, op.polls))
+
+    def _gone(self, op: Running, why: str, code: int, stuck: bool = False) -> None:
+        """The operation will not give an answer: submit the job again (capped), or fail it."""
+        now = time.time()
+        if (self.s.resubmit_stuck or not stuck) and op.resubmits < self.s.max_resubmits:
+            self.sch.writer.emit(Requeued(op.attempt, now, polls=op.polls, resubmit=True,
+                                          error=ApiFailure(code, f"operation {why}")))  # fmt: skip
+            self.sch.work_changed()
+            return
+        hint = ("; rerun with --resubmit-stuck to send it again" if stuck and not
+                self.s.resubmit_stuck else f" (submitted {op.resubmits + 1} times, --max-resubmits "
+                f"{self.s.max_resubmits})")  # fmt: skip
+        failure = ApiFailure(code, f"operation {op.operation_id} {why}{hint}")
+        self.sch.writer.emit(Failed(op.attempt, now, failure, op.polls))
+
+    def _failed(self, op: Running, sent: float, e: ApiError) -> None:
+        now, age = time.time(), time.time() - op.submitted_at
+        if e.kind == "not_found":
+            if age >= self.s.retention:  # results are kept 3 days: this one expired
+                self._gone(op, f"expired on the server ({age / 3600:.0f} h after it was "
+                           "submitted)", 5)  # fmt: skip
+                return
+            raise CredentialsError(
+                f"the operation service answered 404 for operation {op.operation_id}, submitted "
+                f"{age:.0f} s ago; results are kept for 3 days, so this is not expiry: check "
+                f"--operation-url ({self.sch.client.operation_url}), the folder id and the "
+                "credentials. State is saved; rerun to resume"
+            )
+        if e.kind in ("forbidden", "invalid"):
+            raise CredentialsError(f"poll refused ({e.short}): {e.message}; rerun to resume")
+        op.errors += 1
+        if e.kind == "rate":
+            self.sch.stats.throttled += 1
+            self.sch.poll_pacer.throttle(e.retry_after)
+        elif e.kind == "malformed":
+            op.faults += 1
+            if op.faults >= self.s.max_faults:
+                self.sch.writer.emit(Failed(op.attempt, now, e.failure(), op.polls, charged=True))
+                return
+        else:  # transient: never the operation's fault, and never a reason to give it up
+            self.sch.breakers["poll"].failure(anyio.current_time(), sent, op.attempt.rowid, e.short)
+        self.schedule(op, delay(op.errors, base=0.5, cap=30.0, retry_after=e.retry_after))

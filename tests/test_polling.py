@@ -1,0 +1,129 @@
+"""The poll policy on its own: pure, no clock, microseconds per test (issue 11)."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import pytest
+
+from runner.polling import LatencySketch, PollPolicy
+
+
+def lognormal(n: int, median: float, sigma: float, seed: int = 1) -> list[float]:
+    rng = random.Random(seed)
+    return [median * math.exp(sigma * rng.gauss(0, 1)) for _ in range(n)]
+
+
+def geometric_observations(sketch: LatencySketch, latencies: list[float], first: float) -> None:
+    """Poll each latency at first, 2*first, 4*first ... and record what the polls show."""
+    for lat in latencies:
+        miss, age = 0.0, first
+        while age < lat:
+            miss, age = age, age * 2
+        sketch.add(miss, age)
+
+
+def test_the_estimate_recovers_quantiles_from_censored_observations() -> None:
+    lat = lognormal(5000, median=4.0, sigma=0.8)
+    sketch = LatencySketch()
+    geometric_observations(sketch, lat, first=1.0)  # each only known within a factor of 2
+    true = sorted(lat)
+    for q in (0.5, 0.85, 0.99):
+        assert sketch.quantile(q) == pytest.approx(true[int(q * len(true))], rel=0.2), q
+
+
+def test_polls_that_find_everything_done_do_not_bias_the_estimate_upward() -> None:
+    # a patient first poll at 30 s finds most done: that says "below 30 s", not "15 s"
+    lat = lognormal(2000, median=2.0, sigma=0.5, seed=2)
+    sketch = LatencySketch()
+    for x in lat[:1900]:
+        sketch.add(0.0, 30.0) if x < 30 else sketch.add(30.0, 60.0)
+    geometric_observations(sketch, lat[1900:], first=0.5)  # a few scouts, polled finely
+    assert sketch.quantile(0.5) < 4.0  # the old midpoint rule would say 15 s
+
+
+def test_operations_still_running_keep_early_estimates_from_being_too_short() -> None:
+    policy = PollPolicy(min_samples=20)
+    for x in lognormal(50, median=1.0, sigma=0.3, seed=3):  # only the quick ones finished yet
+        policy.observe_done(0.0, x * 1.1)
+    quick = policy.sketch.quantile(0.85)
+    policy.horizon(0.0, [30.0] * 200)  # while 200 have been running for 30 s
+    assert policy.sketch.quantile(0.85) > 10 * quick
+
+
+def test_the_first_poll_goes_out_near_the_quantile_once_learned() -> None:
+    policy = PollPolicy(quantile=0.85, patient_quantile=0.99)
+    assert policy.first_wait(slack=100.0, horizon=math.inf, elapsed=0.0) == policy.prior
+    lat = lognormal(2000, median=4.0, sigma=0.8, seed=4)
+    for x in lat:
+        policy.observe_done(x * 0.9, x * 1.1)
+    q85, q99 = sorted(lat)[1700], sorted(lat)[1980]
+    urgent = policy.first_wait(slack=0.0, horizon=math.inf, elapsed=100.0)
+    patient = policy.first_wait(slack=1e6, horizon=math.inf, elapsed=100.0)
+    assert urgent == pytest.approx(q85, rel=0.15) and patient == pytest.approx(q99, rel=0.15)
+    assert policy.first_wait(slack=0.0, horizon=2.0, elapsed=100.0) == 2.0  # never past it
+
+
+def test_waits_keep_growing_with_age_without_a_fixed_cap() -> None:
+    policy = PollPolicy(growth=2.0)
+    for x in lognormal(100, median=3600.0, sigma=0.5):
+        policy.observe_done(x * 0.9, x)
+    for age in (3600.0, 36_000.0, 360_000.0):  # an hour, ten hours, four days
+        assert policy.next_wait(age, horizon=math.inf, elapsed=age) == pytest.approx(age)
+
+
+def test_before_anything_is_learned_scouts_back_off_gently_the_rest_patiently() -> None:
+    policy = PollPolicy(prior=15.0, prior_growth=1.18, growth=2.0, scouts=20)
+    assert policy.scout(0) and policy.scout(19) and not policy.scout(20)
+    assert policy.next_wait(15.0, horizon=math.inf, elapsed=15, scout=True) == pytest.approx(2.7)
+    assert policy.next_wait(15.0, horizon=math.inf, elapsed=15, scout=False) == pytest.approx(15.0)
+    # a scout waits at most 18% of its age more: its result is seen within 18% of its latency
+    age, polls = 15.0, 1
+    while age < 300.0:
+        age += policy.next_wait(age, horizon=math.inf, elapsed=age, scout=True)
+        polls += 1
+    assert polls <= 20 and age < 300.0 * 1.18
+
+
+def test_from_the_horizon_on_no_wait_exceeds_the_tail_share_of_the_run() -> None:
+    policy = PollPolicy(tail_share=0.005)
+    for x in lognormal(500, median=4.0, sigma=0.8):
+        policy.observe_done(x * 0.9, x)
+    assert policy.next_wait(30.0, horizon=0.0, elapsed=200.0) == pytest.approx(1.0)
+    assert policy.next_wait(30.0, horizon=12.0, elapsed=200.0) == pytest.approx(12.0)
+
+
+def test_the_horizon_is_a_lower_bound_of_the_runs_end() -> None:
+    rng = random.Random(5)
+    early = 0
+    for trial in range(40):
+        lat = lognormal(1200, median=4.0, sigma=0.8, seed=trial)
+        policy = PollPolicy()
+        for x in lat[:600]:
+            policy.observe_done(x * 0.9, x)
+        # 600 more submitted over the last 6 s; some of them still run
+        now = 6.0
+        running = [(now - i / 100, x) for i, x in enumerate(lat[600:]) if x > now - i / 100]
+        ages = [a for a, _ in running]
+        end = max(x - a for a, x in running)  # when the last of them finishes, from now
+        horizon = policy.horizon(0.0, ages)
+        early += horizon <= end
+        assert horizon < end * 1.5
+        rng.random()
+    assert early >= 36  # about 95% of the time it is early, as designed
+
+
+def test_with_nothing_learned_there_is_no_horizon() -> None:
+    assert PollPolicy().horizon(0.0, [1.0, 2.0]) == math.inf
+
+
+def test_a_burst_of_misses_cannot_run_the_estimate_away() -> None:
+    policy = PollPolicy(prior=1.0)
+    for _ in range(5000):  # thousands of polls that missed, nothing finished yet
+        policy.next_wait(1.0, horizon=math.inf, elapsed=0.0)
+    assert not policy.learned and policy.first == 1.0
+    for _ in range(100):
+        policy.observe_done(1.0, 2.0)
+    assert 1.0 < policy.first <= 2.2 and statistics.fmean([policy.first]) > 0
