@@ -106,7 +106,7 @@ def simulate(r: Regime, policy: PollPolicy, margin: float = 0.25) -> dict[str, A
         t, kind, k = heapq.heappop(heap)
         if t >= next_horizon:  # the scheduler recomputes the horizon once a second
             slack = max(0.0, last - t)
-            horizon_at = t + policy.horizon(slack, [t - sent[j] for j in running])
+            horizon_at = t + policy.horizon(slack, [(t - sent[j], miss[j]) for j in running])
             next_horizon = t + 1.0
             cap = max(horizon_at - t, policy.tail_share * t, policy.min_wait)
             if cap < math.inf and any(kd == 0 and due > t + cap for due, kd, _ in heap):
@@ -119,7 +119,8 @@ def simulate(r: Regime, policy: PollPolicy, margin: float = 0.25) -> dict[str, A
             continue
         if kind == 1:
             running.add(k)
-            wait = policy.first_wait(slack=max(0.0, last - t), horizon=horizon, elapsed=t)
+            wait = policy.first_wait(slack=max(0.0, last - t), horizon=horizon, elapsed=t,
+                                     scout=policy.scout(k))  # fmt: skip
             heapq.heappush(heap, (t + wait, 0, k))
             continue
         polls[k] += 1
@@ -131,7 +132,8 @@ def simulate(r: Regime, policy: PollPolicy, margin: float = 0.25) -> dict[str, A
             policy.observe_done(miss[k], age)
         else:
             miss[k] = age
-            wait = policy.next_wait(age, horizon=horizon, elapsed=t, scout=policy.scout(k))
+            wait = policy.next_wait(age, horizon=horizon, elapsed=t, scout=policy.scout(k),
+                                    draining=t >= last)  # fmt: skip
             heapq.heappush(heap, (t + wait, 0, k))
     lags = [seen[k] - (sent[k] + lat[k]) for k in range(r.jobs)]
     return {

@@ -68,7 +68,7 @@ class Poller:
         op.scout = self.policy.scout(self.submitted)
         self.submitted += 1
         wait = self.policy.first_wait(slack=self.sch.slack(), horizon=self._horizon(),
-                                      elapsed=self._elapsed())  # fmt: skip
+                                      elapsed=self._elapsed(), scout=op.scout)  # fmt: skip
         self.schedule(op, wait)
 
     async def loader(self) -> None:
@@ -87,8 +87,11 @@ class Poller:
         while True:
             await anyio.sleep(1.0)
             now, wall = anyio.current_time(), time.time()
-            ages = [wall - op.submitted_at for _, _, op in self.heap]
-            self.horizon_at = now + self.policy.horizon(self.sch.slack(), ages)
+            running = [(wall - op.submitted_at, op.last_miss) for _, _, op in self.heap]
+            self.horizon_at = now + self.policy.horizon(self.sch.slack(), running)
+            log.debug("horizon in %.1f s; %d running; latency q50 %.1f q99 %.1f (%d seen)",
+                      self.horizon_at - now, len(running), self.policy.sketch.quantile(0.5),
+                      self.policy.sketch.quantile(0.99), self.policy.sketch.n)  # fmt: skip
             latest = now + max(self.horizon_at - now, self.policy.tail_share * self._elapsed(),
                                self.policy.min_wait)  # fmt: skip
             if latest < math.inf and any(due > latest for due, _, _ in self.heap):
@@ -151,8 +154,10 @@ class Poller:
                            "(--op-deadline)", 4, stuck=True)  # fmt: skip
                 return
             op.last_miss = age
-            self.schedule(op, self.policy.next_wait(age, horizon=self._horizon(),
-                                                    elapsed=self._elapsed(), scout=op.scout))  # fmt: skip
+            self.schedule(op, self.policy.next_wait(
+                age, horizon=self._horizon(), elapsed=self._elapsed(), scout=op.scout,
+                draining=self.sch.slack() <= 0,
+            ))  # fmt: skip
             return
         log.debug("operation %s finished after %.1f s (poll %d)", op.operation_id, age, op.polls)
         if op.polls > 1 or age < 2 * self.policy.first:  # not a resumed, long-gone job

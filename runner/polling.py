@@ -24,7 +24,7 @@ Everything here is clock-free: callers pass ages and times, in seconds.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 _LO = 1e-3  # seconds; the histogram's first bucket
@@ -60,6 +60,7 @@ class LatencySketch:
     censored: dict[int, int] = field(default_factory=dict)  # running: bucket of age -> count
     p: list[float] = field(default_factory=list)  # probability per bucket
     _fresh: bool = False
+    _refreshed_at: int = 0  # n at the last refresh
     _cache: dict[float, float] = field(default_factory=dict)
     _tail: list[float] = field(default_factory=list)  # survival per bucket
     _top: int = 0  # the last bucket holding probability
@@ -72,12 +73,21 @@ class LatencySketch:
         key = (min(_bucket(lo) + 1, top) if lo > 0 else 0, top)
         self.intervals[key] = self.intervals.get(key, 0) + 1
         self.n += 1
-        self._fresh = False
+        # a refresh costs about a millisecond: redo it when the sample grew by 5%, not per add
+        if self.n < 40 or self.n >= self._refreshed_at * 1.05:
+            self._fresh = False
+
+    def set_running(self, ages: dict[int, int]) -> None:
+        """The operations still running, by bucket of age (right-censored observations)."""
+        if ages != self.censored:
+            self.censored = ages
+            self._fresh = False
 
     def _refresh(self) -> None:
         if self._fresh:
             return
         self._fresh = True
+        self._refreshed_at = self.n
         self._cache.clear()
         if not self.n:
             return
@@ -126,6 +136,21 @@ class LatencySketch:
             self._cache[q] = found
         return self._cache[q]
 
+    def survival_function(self) -> Callable[[float], float]:
+        """``survival``, with the estimate fixed: for many lookups in a row (the horizon)."""
+        self._refresh()
+        tail, top = self._tail, self._top
+        floor = 0.5 / max(self.n, 1)
+        top_seconds = _middle(top)
+
+        def survival(seconds: float) -> float:
+            i = int(math.log(max(seconds, _LO) / _LO) / _LOG_RATIO)
+            if i < top:
+                return max(tail[i], floor)
+            return float(floor * (top_seconds / max(seconds, top_seconds)) ** TAIL_EXPONENT)
+
+        return survival
+
     def survival(self, seconds: float) -> float:
         """P(latency > seconds); past the longest latency seen, a power-law tail (exponent
         ``TAIL_EXPONENT``), so an operation older than any seen to finish is expected to finish
@@ -144,11 +169,14 @@ class PollPolicy:
     quantile: float = 0.85  # first poll when the run is near its end
     patient_quantile: float = 0.99  # first poll while the quota keeps the run going anyway
     growth: float = 2.0  # back-off after a miss: next wait = age * (growth - 1)
+    tail_growth: float = 1.5  # once submitting is over, for operations older than most
+    tail_quantile: float = 0.9  # "older than most": past this quantile of the latency
     tail_share: float = 0.005  # from the horizon on, no wait exceeds this share of the run
     alive: float = 3.0  # the horizon: when this many operations are still expected to run
     prior: float = 15.0  # first poll before anything is learned (the docs say minutes)
-    prior_growth: float = 1.18  # the scouts' back-off before anything is learned
-    scouts: int = 20  # a run's first operations: polled finely until the latency is learned
+    prior_growth: float = 1.18  # the scouts' back-off: their results resolve the latency finely
+    scouts: int = 20  # a run's first operations are scouts (all of a small batch) ...
+    scout_every: int = 100  # ... and every this-many-th one after them
     min_wait: float = 0.02
     min_samples: int = 20
     sketch: LatencySketch = field(default_factory=LatencySketch)
@@ -166,29 +194,32 @@ class PollPolicy:
         """A poll at ``age`` found it done; the previous poll (if any) missed at ``last_miss``."""
         self.sketch.add(last_miss, age)
 
-    def horizon(self, slack: float, ages: Sequence[float] = ()) -> float:
+    def horizon(self, slack: float, running: Sequence[tuple[float, float]] = ()) -> float:
         """Seconds from now before which the run cannot end (see the module docstring).
 
-        ``slack``: how long submitting goes on; ``ages``: of the operations not yet seen done.
-        With nothing learned there is none: infinity (nothing is pulled in).
+        ``slack``: how long submitting goes on; ``running``: (age now, age when last seen
+        running) of the operations not yet seen done. What is known of each is only that it ran
+        past its last poll (it may have finished since), so that is what it is conditioned on,
+        and what it tells the estimate. With nothing learned there is no horizon: infinity.
         """
-        count: dict[int, int] = {}  # ages by bucket: the cost is per bucket, not per operation
-        total: dict[int, float] = {}
-        for age in ages:
-            i = _bucket(age)
-            count[i] = count.get(i, 0) + 1
-            total[i] = total.get(i, 0.0) + age
-        self.sketch.censored = count
-        self.sketch._fresh = False
+        count: dict[int, int] = {}  # known-alive ages by bucket: right-censored observations
+        for _, alive in running:
+            if alive > 0:
+                i = _bucket(alive)
+                count[i] = count.get(i, 0) + 1
+        self.sketch.set_running(count)
         if not self.learned:
             return math.inf
         quota = slack + self.sketch.quantile(0.05) if slack > 0 else 0.0
-        survival = self.sketch.survival
-        if len(ages) <= EXACT_UP_TO:  # few enough to weigh each (the tail's few matter most)
-            ops = [(age, 1.0 / survival(age)) for age in ages]
-        else:
-            mean = {i: total[i] / n for i, n in count.items()}
-            ops = [(mean[i], n / survival(mean[i])) for i, n in count.items()]
+        survival = self.sketch.survival_function()
+        if len(running) <= EXACT_UP_TO:  # few enough to weigh each (the tail's few matter most)
+            ops = [(age, 1.0 / survival(alive)) for age, alive in running]
+        else:  # grouped by the bucket of their age, at the group's mean
+            groups: dict[int, list[float]] = {}
+            for age, alive in running:
+                g = groups.setdefault(_bucket(age), [0.0, 0.0, 0.0])
+                g[0], g[1], g[2] = g[0] + 1, g[1] + age, g[2] + alive
+            ops = [(t / n, n / survival(a / n)) for n, t, a in groups.values()]
         if not ops:
             return quota
 
@@ -200,7 +231,7 @@ class PollPolicy:
         lo, hi = 0.0, 1.0
         while expected_alive(hi) >= self.alive and hi < 1e7:
             lo, hi = hi, hi * 2
-        for _ in range(20):
+        while hi - lo > max(0.05, 0.01 * lo):  # to 1% or 50 ms: far finer than the polls
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if expected_alive(mid) >= self.alive else (lo, mid)
         return max(quota, lo)
@@ -208,7 +239,9 @@ class PollPolicy:
     def _cap(self, horizon: float, elapsed: float) -> float:
         return max(horizon, self.tail_share * elapsed, self.min_wait)
 
-    def first_wait(self, *, slack: float, horizon: float, elapsed: float) -> float:
+    def first_wait(
+        self, *, slack: float, horizon: float, elapsed: float, scout: bool = False
+    ) -> float:
         """Delay of a new operation's first poll.
 
         While the quota still has a long way to go (``slack``), a result seen sooner cannot end
@@ -216,23 +249,37 @@ class PollPolicy:
         but no less than the usual ``quantile``; and never past the horizon's tail.
         """
         if not self.learned:
-            return self.prior
+            # none finished yet although some have run this long: no sooner than half that
+            oldest = _middle(max(self.sketch.censored)) if self.sketch.censored else 0.0
+            return self.prior if scout else max(self.prior, oldest / 2)
         q = self.sketch.quantile
+        if scout:
+            return max(self.min_wait, min(self.prior, q(0.1)))
         wait = max(q(self.quantile), min(slack, q(self.patient_quantile)))
         return max(self.min_wait, min(wait, self._cap(horizon, elapsed)))
 
     def scout(self, ordinal: int) -> bool:
-        """Whether the run's ``ordinal``-th operation (from 0) is polled finely while nothing is
-        learned: these teach the policy the latency (and are all of a small batch)."""
-        return ordinal < self.scouts
+        """Whether the run's ``ordinal``-th operation (from 0) is a scout, polled finely: the
+        others' polls show their latency only within a factor of ``growth``; the scouts' pin
+        it down, which is what the estimate needs between those coarse intervals."""
+        return ordinal < self.scouts or ordinal % self.scout_every == 0
 
     def next_wait(
-        self, age: float, *, horizon: float, elapsed: float, scout: bool = False
-    ) -> float:
+        self, age: float, *, horizon: float, elapsed: float, scout: bool = False,
+        draining: bool = False,
+    ) -> float:  # fmt: skip
         """Seconds from now to the next poll of an operation ``age`` seconds old, not yet done."""
-        if not self.learned:
-            growth = self.prior_growth if scout else self.growth
-            wait = max(self.prior - age, age * (growth - 1))
+        if scout:
+            wait = age * (self.prior_growth - 1)
+            if self.learned:
+                wait = min(wait, self._cap(horizon, elapsed))
+        elif not self.learned:
+            wait = max(self.prior - age, age * (self.growth - 1))
         else:
-            wait = min(max(self.first - age, age * (self.growth - 1)), self._cap(horizon, elapsed))
+            growth = self.growth
+            if draining and age > self.sketch.quantile(self.tail_quantile):
+                # the likely last ones: finer steps bound their lag even if the horizon is
+                # late, and give the estimate the tail it needs to place the horizon
+                growth = self.tail_growth
+            wait = min(max(self.first - age, age * (growth - 1)), self._cap(horizon, elapsed))
         return max(self.min_wait, wait)

@@ -49,7 +49,7 @@ def test_operations_still_running_keep_early_estimates_from_being_too_short() ->
     for x in lognormal(50, median=1.0, sigma=0.3, seed=3):  # only the quick ones finished yet
         policy.observe_done(0.0, x * 1.1)
     quick = policy.sketch.quantile(0.85)
-    policy.horizon(0.0, [30.0] * 200)  # while 200 have been running for 30 s
+    policy.horizon(0.0, [(30.0, 30.0)] * 200)  # while 200 have been seen running at 30 s
     assert policy.sketch.quantile(0.85) > 10 * quick
 
 
@@ -106,9 +106,8 @@ def test_the_horizon_is_a_lower_bound_of_the_runs_end() -> None:
         # 600 more submitted over the last 6 s; some of them still run
         now = 6.0
         running = [(now - i / 100, x) for i, x in enumerate(lat[600:]) if x > now - i / 100]
-        ages = [a for a, _ in running]
         end = max(x - a for a, x in running)  # when the last of them finishes, from now
-        horizon = policy.horizon(0.0, ages)
+        horizon = policy.horizon(0.0, [(a, a) for a, _ in running])
         early += horizon <= end
         assert horizon < end * 1.5
         rng.random()
@@ -116,7 +115,18 @@ def test_the_horizon_is_a_lower_bound_of_the_runs_end() -> None:
 
 
 def test_with_nothing_learned_there_is_no_horizon() -> None:
-    assert PollPolicy().horizon(0.0, [1.0, 2.0]) == math.inf
+    assert PollPolicy().horizon(0.0, [(1.0, 0.5), (2.0, 1.0)]) == math.inf
+
+
+def test_the_horizon_conditions_on_when_an_operation_was_last_seen_running() -> None:
+    # one seen running at 2 s and not polled since may well be done: it must not count as
+    # alive at its full age (that kept the horizon receding in a real run)
+    policy = PollPolicy()
+    for x in lognormal(2000, median=4.0, sigma=0.5, seed=6):
+        policy.observe_done(x * 0.9, x)
+    seen_now = policy.horizon(0.0, [(20.0, 20.0)] * 10)
+    seen_long_ago = policy.horizon(0.0, [(20.0, 2.0)] * 10)
+    assert seen_long_ago < seen_now
 
 
 def test_a_burst_of_misses_cannot_run_the_estimate_away() -> None:
