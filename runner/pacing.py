@@ -68,7 +68,8 @@ class Pacer:
 
     def rate_at(self, now: float) -> float:
         climbed = self._base + self.limit * (now - self._since) / self.ramp
-        return max(self.floor, min(self.limit, climbed))
+        # 1% under the limit: jitter never puts one request too many in a second
+        return max(self.floor, min(self.limit * 0.99, climbed))
 
     def seed(self, stamps: Iterable[float]) -> None:
         """Slots taken before this process started (monotonic times), e.g. from the ledger."""
@@ -140,7 +141,11 @@ class Pacer:
         """Wait for a slot and take it; returns its stamp (to ``refund`` it)."""
         async with self._lock:
             stamp, probe = await self._until_free()
-            self._next = stamp + 1.0 / self.rate_at(stamp)
+            # on schedule when a grant is only a little late (a timer overshoots a millisecond
+            # or so, which would cost 10% at 100/s), from the grant after a longer stall: that
+            # is not made up with a burst, which a server counting per second would refuse
+            gap = 1.0 / self.rate_at(stamp)
+            self._next = max(self._next, stamp - gap / 4) + gap
             if self.per_hour is not None:
                 bisect.insort(self._stamps, stamp)
             if probe:
