@@ -61,7 +61,8 @@ def setup_logging(ctx: click.Context, verbose: int = 0, quiet: bool = False) -> 
     v, q = ctx.obj or (0, False)
     v, q = max(v, verbose), q or quiet
     ctx.obj = (v, q)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
     logging.getLogger().setLevel(logging.DEBUG if v >= 3 else logging.WARNING)
     own = logging.ERROR if q else (logging.WARNING, logging.INFO, logging.DEBUG)[min(v, 2)]
     logging.getLogger("runner").setLevel(own)
@@ -224,7 +225,7 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
                     raise click.UsageError("--dry-run needs a JOBS file")
                 return await batch.plan(jobs, exact=exact)
             if jobs:  # whatever would refuse the run refuses it before anything is stored
-                batch.credentials()
+                await batch.require_credentials(jobs)
                 batch.jobs_path = jobs
             if output:
                 await batch.check_output(output)

@@ -89,6 +89,16 @@ def show(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _answers(p: dict[str, Any], most: dict[str, Any]) -> str:
+    bounded = f"at most {p['answerTokensAtMost']} tokens (their maxTokens), ~{most['total']:.2f} {most['currency']}"
+    open_ = p["jobsWithoutMaxTokens"]
+    if not open_:
+        return f"answers: {bounded}"
+    rest = p["jobs"] - open_
+    return (f"answers: no upper bound: {open_} of {p['jobs']} job{'s' * (p['jobs'] != 1)} set no "
+            f"maxTokens (the model's own limit applies)" + (f"; the other {rest}: {bounded}" if rest else ""))
+
+
 def plan(p: dict[str, Any], db: str) -> str:
     models = ", ".join(f"{m} x{n}" for m, n in p["models"].items())
     cost, most = p["cost"], p["answersCostAtMost"]
@@ -97,9 +107,7 @@ def plan(p: dict[str, Any], db: str) -> str:
         f"{p['jobs']} jobs ({p['new']} new, {p['known']} already in {db}); models: {models}",
         f"input: {p['inputTokens']} tokens ({p['inputTokensMethod']}), ~{cost['total']:.2f} "
         f"{cost['currency']}",
-        f"answers: up to {p['answerTokensAtMost']} tokens (their maxTokens), up to "
-        f"~{most['total']:.2f} {most['currency']}"
-        + (f"; {p['jobsWithoutMaxTokens']} jobs set no maxTokens" if p["jobsWithoutMaxTokens"] else ""),
+        _answers(p, most),
     ]
     if unpriced:
         lines.append(f"unpriced (not in the totals): {', '.join(unpriced)}; add --price MODEL=PER_1K")

@@ -177,18 +177,58 @@ class OutputFile:
                 "cut short or replaced?); move it away or give another -o path, then rerun: "
                 "every result is in the database and a new file is written in full"
             )
-        if row["kind"] != "run" or last_seq < 0:
+        if row["kind"] == "export":
+            raise UsageError(
+                f"-o {self.path}: that is an export written by `runner results`; give "
+                "`runner run` an output file of its own"
+            )
+        if last_seq < 0:
             log.warning("%s: rebuilding it from the database", self.path)
             return 0, 0, ""
+        if size > recorded and not await self._ours_past(last_seq, recorded, size):
+            raise UsageError(
+                f"-o {self.path}: {size - recorded} bytes after the last line runner committed "
+                "are not what runner writes (lines added by hand?); move them or the file away, "
+                "then rerun"
+            )
         return last_seq, recorded, tail
+
+    async def _ours_past(self, last_seq: int, start: int, size: int) -> bool:
+        """Whether the bytes past the committed length are a prefix of what runner writes next
+        (a write a crash cut short, cut on open) rather than lines added by hand (refused)."""
+
+        def read(at: int) -> bytes:
+            with open(self.path, "rb") as f:
+                f.seek(at)
+                return f.read(min(1 << 20, size - at))
+
+        at, pending = start, b""
+
+        async def compare(final: bool) -> bool:  # consume what both sides have; False on a difference
+            nonlocal at, pending
+            while pending and (final or len(pending) >= 1 << 20 or at + len(pending) >= size):
+                got = await anyio.to_thread.run_sync(read, at)
+                n = min(len(got), len(pending))
+                if n == 0 or got[:n] != pending[:n]:
+                    return n == 0 and at >= size
+                at, pending = at + n, pending[n:]
+            return True
+
+        async for _, line in lines_since(self.db, last_seq):
+            pending += (json.dumps(line, ensure_ascii=False) + "\n").encode()
+            if not await compare(False):
+                return False
+            if at >= size:
+                return True
+        return await compare(True) and at >= size
 
     async def open(self) -> None:
         """Make the file agree with the database, or refuse it untouched."""
         last_seq, recorded, tail = await self.verify()
         size = os.path.getsize(self.path) if os.path.exists(self.path) else -1
         if size > recorded and recorded:
-            log.warning("%s: cut %d bytes after the last committed line (an interrupted "
-                        "write, or lines added by hand)", self.path, size - recorded)  # fmt: skip
+            log.warning("%s: cut %d bytes of a write a crash interrupted (they are written "
+                        "again from the database)", self.path, size - recorded)  # fmt: skip
         try:
             await anyio.to_thread.run_sync(self._truncate, recorded)
             if not tail:  # a new file, or one recorded before fingerprints

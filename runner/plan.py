@@ -68,7 +68,7 @@ async def plan(batch: Batch, jobs: Jobs, exact: bool) -> dict[str, Any]:
     method = f"estimated at {CHARS_PER_TOKEN} characters per token"
     if exact:
         tokens = await _count_exactly(batch, seen)
-        method = "counted by the API's tokenizer (first turn of each chat)"
+        method = "counted by the API's tokenizer, first turn of each chat"
     priced = pricing.estimate(tokens, batch.prices, batch.mode)
     return {
         "jobs": len(seen),
@@ -131,7 +131,9 @@ async def check(batch: Batch) -> dict[str, Any]:
                 "not_found": f"not found ({e.message}): check --llm-url and the model name",
             }.get(e.kind, f"the API could not be reached: {e.message}")
         else:
-            report.update(ok=True, message="key, folder, role and model are accepted "
+            where = " by the built-in emulator (your real credentials were not checked)" \
+                if batch.endpoints.emulator else ""
+            report.update(ok=True, message=f"key, folder, role and model are accepted{where} "
                           "(checked with a free tokenizer request)")  # fmt: skip
     return report
 

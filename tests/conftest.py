@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -131,3 +133,23 @@ def execute(db: Path, sql: str, *args: Any) -> None:
     with con:
         con.execute(sql, args)
     con.close()
+
+
+def uncommit_last_line(db: Path, out: Path, keep: int) -> None:
+    """Leave ``out`` as a kill in the middle of appending its last line would: the database's
+    record of the file rewound to before that line, and ``keep`` bytes of it on disk."""
+    data = out.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    previous = json.loads(data[:start].splitlines()[-1])["id"] if start else None
+    con = sqlite3.connect(db)
+    try:
+        seq = con.execute("SELECT finish_seq FROM jobs WHERE id = ?", (previous,)).fetchone()
+        con.execute(
+            "UPDATE outputs SET last_seq = ?, size = ?, tail = ? WHERE path = ?",
+            (seq[0] if seq else 0, start, f"crc32:{zlib.crc32(data[:start]):08x}",
+             os.path.realpath(out)),
+        )
+        con.commit()
+    finally:
+        con.close()
+    out.write_bytes(data[: start + keep])

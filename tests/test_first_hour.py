@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import cli
-from tests.conftest import read_out, write_jobs
+from tests.conftest import read_out, uncommit_last_line, write_jobs
 from tests.killloop import db_states
 from tests.procs import (
     child_env,
@@ -121,6 +121,16 @@ def test_run_writes_outputs_of_a_finished_batch_without_credentials(tmp_path: Pa
     r = run(["run", "-o", "new.jsonl"], tmp_path, YC_API_KEY="")  # nothing left to send
     assert r.returncode == 0, r.stderr
     assert len(read_out(tmp_path / "new.jsonl")) == 5
+    # the same with the jobs file named again (the README's resume command): nothing to send
+    r = run(["run", "jobs.jsonl", "-o", "again.jsonl"], tmp_path, YC_API_KEY="")
+    assert r.returncode == 0, r.stderr
+    assert len(read_out(tmp_path / "again.jsonl")) == 5
+    # a file with a new job does need them, and is refused before anything is stored
+    make_jobs(tmp_path / "more.jsonl", 6)
+    before = db_states(tmp_path / "runner.db")
+    r = run(["run", "more.jsonl", "-o", "more-out.jsonl"], tmp_path, YC_API_KEY="")
+    assert r.returncode == 2 and "no credentials" in r.stderr
+    assert db_states(tmp_path / "runner.db") == before and not (tmp_path / "more-out.jsonl").exists()
 
 
 def test_an_empty_batch_warns_and_names_its_database(cwd: Path) -> None:
@@ -230,8 +240,40 @@ def test_show_gives_one_jobs_request_answer_usage_and_attempts(cwd: Path) -> Non
 def test_a_repaired_output_file_is_said_in_the_log(cwd: Path) -> None:
     make_jobs(cwd / "jobs.jsonl", 3)
     assert CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator", "-o", "out.jsonl"]).exit_code == 0
-    with (cwd / "out.jsonl").open("a") as f:
-        f.write('{"id": "torn')
+    uncommit_last_line(cwd / "runner.db", cwd / "out.jsonl", keep=12)  # a kill mid-append
     r = CliRunner().invoke(cli, ["run", "--emulator", "-o", "out.jsonl"])
-    assert r.exit_code == 0 and "cut 12 bytes after the last committed line" in r.output
+    assert r.exit_code == 0 and "cut 12 bytes of a write a crash interrupted" in r.output
     assert len(read_out(cwd / "out.jsonl")) == 3
+
+
+def test_lines_added_by_hand_to_an_output_are_refused_not_cut(cwd: Path) -> None:
+    # it cut them silently (with a warning) although the README says a hand-edited file is refused
+    make_jobs(cwd / "jobs.jsonl", 3)
+    assert CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator", "-o", "out.jsonl"]).exit_code == 0
+    with (cwd / "out.jsonl").open("a") as f:
+        f.write('{"id": "mine", "note": "my own line"}\n')
+    before = (cwd / "out.jsonl").read_bytes()
+    r = CliRunner().invoke(cli, ["run", "--emulator", "-o", "out.jsonl"])
+    assert r.exit_code == 2 and "not what runner writes (lines added by hand?)" in r.output
+    assert (cwd / "out.jsonl").read_bytes() == before
+
+
+def test_run_output_refuses_an_export_of_results(cwd: Path) -> None:
+    # `run -o x.csv` turned a CSV export into JSONL
+    make_jobs(cwd / "jobs.jsonl", 3)
+    assert CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["results", "-o", "x.csv", "--format", "csv"]).exit_code == 0
+    before = (cwd / "x.csv").read_bytes()
+    r = CliRunner().invoke(cli, ["run", "--emulator", "-o", "x.csv"])
+    assert r.exit_code == 2 and "export written by `runner results`" in r.output
+    assert (cwd / "x.csv").read_bytes() == before
+
+
+def test_the_dry_run_says_answers_are_unbounded_without_max_tokens(cwd: Path) -> None:
+    # it said "answers: up to 0 tokens ..., up to ~0.00 RUB; 1 jobs set no maxTokens"
+    write_jobs(cwd / "jobs.jsonl", [{"id": "a", "prompt": "x"},
+                                    {"id": "b", "prompt": "y", "completionOptions": {"maxTokens": 40}}])  # fmt: skip
+    r = CliRunner().invoke(cli, ["run", "jobs.jsonl", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "answers: no upper bound: 1 of 2 jobs set no maxTokens" in r.output
+    assert "the other 1: at most 40 tokens" in r.output and "up to 0 tokens" not in r.output

@@ -12,7 +12,16 @@ import pytest
 
 from runner import emulator as emu
 from runner.errors import InputError, StoreError
-from tests.conftest import Emu, batch_for, db_rows, execute, read_out, run_against, write_jobs
+from tests.conftest import (
+    Emu,
+    batch_for,
+    db_rows,
+    execute,
+    read_out,
+    run_against,
+    uncommit_last_line,
+    write_jobs,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -131,8 +140,7 @@ async def test_torn_output_tail_is_cut_and_rewritten_once(emulator: Emu, tmp_pat
     jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
     await run_against(emulator, tmp_path, jobs)
     out = tmp_path / "out.jsonl"
-    with out.open("ab") as f:
-        f.write(b'{"id": "q1", "status": "do')  # a kill mid-append, never committed
+    uncommit_last_line(tmp_path / "runner.db", out, keep=17)  # a kill mid-append, never committed
     await run_against(emulator, tmp_path, None)
     lines = read_out(out)
     assert sorted(r["id"] for r in lines) == ["line-3", "q1", "q2"]
