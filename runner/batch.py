@@ -112,7 +112,7 @@ class Batch:
         self._stack_db = contextlib.AsyncExitStack()
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: Any = None
-        self._created = False
+        self._created = ""  # "new", "empty" (a 0-byte file was there) or ""
         self._running = False
 
     # -- lifetime -------------------------------------------------------------------------
@@ -140,13 +140,18 @@ class Batch:
     async def _close(self) -> None:
         empty = False
         if self._db is not None:
-            empty = self._created and not await self._db.value("SELECT COUNT(*) FROM jobs")
+            empty = bool(self._created) and not await self._db.value("SELECT COUNT(*) FROM jobs")
             await self._stack_db.aclose()
             self._db = None
         if empty:  # a database this Batch created and never filled: leave nothing behind
-            for suffix in ("", "-wal", "-shm", ".lock", ".emulator"):
+            for suffix in ("-wal", "-shm", ".lock", ".emulator"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path + suffix)
+            if self._created == "new":
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+            else:  # an empty file the user made (say with mkstemp) is left as it was: empty
+                os.truncate(self.path, 0)
         self._lock.release()
 
     async def _open(self, write: bool = True) -> Database:
@@ -155,7 +160,8 @@ class Batch:
         if self._db is None:
             if not write:
                 must_exist(self.path)
-            self._created = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+            self._created = "new" if not os.path.exists(self.path) else (
+                "empty" if os.path.getsize(self.path) == 0 else "")
             self._stack_db = contextlib.AsyncExitStack()
             self._db = await self._stack_db.enter_async_context(Database.open(self.path))
         return self._db
@@ -200,6 +206,20 @@ class Batch:
     def credentials(self) -> Credentials:
         """The credentials a run would use; ``UsageError`` if there are none."""
         return connect.credentials(*self._creds, emulator=self.endpoints.emulator)
+
+    async def require_credentials(self, jobs: Jobs | None = None) -> None:
+        """Refuse (``UsageError``), before anything is stored, a run that would send something
+        without credentials: ``jobs`` adds new ones, or some are left unfinished. A run with
+        nothing to send (say, writing a new -o after the batch finished) needs none."""
+        try:
+            self.credentials()
+        except UsageError:
+            unfinished = 0
+            if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+                found = await reports.counts(await self._open())
+                unfinished = found["pending"] + found["submitting"] + found["running"]
+            if unfinished or (jobs is not None and (await self.plan(jobs))["new"]):
+                raise
 
     # -- running ----------------------------------------------------------------------------
 

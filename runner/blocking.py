@@ -19,6 +19,7 @@ import anyio
 
 from runner.batch import Batch, Jobs, has_id
 from runner.errors import Interrupted
+from runner.inputs import Spec
 from runner.jobs import Result
 
 T = TypeVar("T")
@@ -39,11 +40,15 @@ def run(
             items = jobs if isinstance(jobs, str | os.PathLike) else list(jobs)
             if isinstance(items, str | os.PathLike):
                 batch.jobs_path = os.fspath(items)
+            await batch.require_credentials(items)
             if output is not None:
                 await batch.check_output(output)
             await batch.add(items)
             await batch.run(output=output)
-            ids = None if isinstance(items, str | os.PathLike) else _ids(items)
+            if isinstance(items, str | os.PathLike):  # the file's jobs, in the file's order
+                ids = [s.id for s in batch._specs(items)[0] if isinstance(s, Spec)]
+            else:
+                ids = _ids(items)
             return await batch.results(ids=ids)
 
     return blocking(main)

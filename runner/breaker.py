@@ -11,8 +11,12 @@ A failure is charged to its job only on evidence that the job, not the service, 
 request sent *after* it succeeded. Until such evidence arrives the job is a suspect, requeued
 uncharged; when a later-sent request succeeds its suspects are returned to be charged, and when
 the breaker opens they are forgiven (``Verdict``). A job that fails again while still a suspect
-with nothing else to compare it with gets ``"repeat"``: the scheduler then asks a free endpoint
-whether the service is up. Written by hand because the breakers on PyPI (purgatory, aiobreaker,
+with nothing else to compare it with gets ``"repeat"``, and a probe that fails gets ``"probe"``:
+the caller then asks a free endpoint (the tokenizer) whether the service is up. If it is, the
+failure is the job's (several prompts that each make the server fail must still fail, not hold
+the run in an endless "outage"); if not, it is the outage's, and the next probe waits longer.
+Any answer that is not a transient failure (a 400, a 429) shows the service reachable and
+closes the breaker. Written by hand because the breakers on PyPI (purgatory, aiobreaker,
 pybreaker) open on a plain failure count with a fixed reset time: none tells jobs apart, defers
 a verdict, or grows its probe interval.
 """
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 T = TypeVar("T")
-Verdict = Literal["outage", "job", "unsure", "repeat"]
+Verdict = Literal["outage", "job", "unsure", "repeat", "probe"]
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Breaker(Generic[T]):
     distinct: int = 2
     first_probe: float = 1.0
     max_probe: float = 120.0
+    probe_timeout: float = 300.0  # longer than any request may take
     rand: Callable[[], float] = random.random
     opened_at: float | None = None
     error: str = ""
@@ -53,6 +58,7 @@ class Breaker(Generic[T]):
     last_success_sent: float = -math.inf
     streak: list[int] = field(default_factory=list)
     suspects: dict[int, Suspect[T]] = field(default_factory=dict)
+    forgiven: list[Suspect[T]] = field(default_factory=list)
 
     @property
     def is_open(self) -> bool:
@@ -70,13 +76,34 @@ class Breaker(Generic[T]):
         return max(0.0, self.next_probe_at - now)
 
     def allow(self, now: float) -> bool:
-        """May a request go now? While open, exactly one probe at a time, when it is due."""
+        """May a request go now? While open, exactly one probe at a time, when it is due (a
+        probe whose outcome never came back is given up after ``probe_timeout``)."""
         if self.opened_at is None:
             return True
-        if self.probing or now < self.next_probe_at:
+        if (self.probing and now - self.probe_at < self.probe_timeout) or now < self.next_probe_at:
             return False
         self.probing, self.probe_at = True, now
         return True
+
+    def answered(self) -> bool:
+        """The service answered, though not with a success (a 400, a 429, a malformed body):
+        it is reachable, so an outage is over. Proves no suspect. True if that closed it."""
+        self.streak.clear()
+        closed = self.opened_at is not None
+        self.opened_at, self.probing, self.interval = None, False, 0.0
+        return closed
+
+    def untrip(self) -> list[Suspect[T]]:
+        """It tripped, but a free request showed the service up: no outage after all. The
+        suspects it forgave are returned, to be charged."""
+        self.answered()
+        forgiven, self.forgiven = self.forgiven, []
+        return forgiven
+
+    def probe_was_the_jobs(self) -> None:
+        """The probe failed, but a free request showed the service up: the failure was the
+        probe's job's own (charged by the caller), and there is no outage."""
+        self.answered()
 
     def success(self, sent_at: float, job: int) -> tuple[bool, list[Suspect[T]]]:
         """A request succeeded: (whether that closed the breaker, the suspects now proven)."""
@@ -91,9 +118,12 @@ class Breaker(Generic[T]):
         return closed, proven
 
     def failure(self, now: float, sent_at: float, job: int, error: str) -> Verdict:
+        """A transient failure. ``"probe"``: the probe failed while open; the caller may ask a
+        free endpoint whether the service is up (``probe_was_the_jobs``) before calling it an
+        outage (``probe_failed``)."""
         if self.opened_at is not None:
             if self.probing and sent_at >= self.probe_at:  # the probe, not a straggler
-                self._schedule_probe(now, self.interval * 2)
+                return "probe"
             return "outage"
         if self.last_success_sent > sent_at:
             return "job"  # the service answered a later request: this one is the job's
@@ -105,14 +135,20 @@ class Breaker(Generic[T]):
             return "outage"
         return "unsure"
 
+    def probe_failed(self, now: float) -> None:
+        """The probe failed and the service is down: the next probe waits twice as long."""
+        self._schedule_probe(now, self.interval * 2)
+
     def suspect(self, job: int, sent_at: float, payload: T) -> None:
         self.suspects[job] = Suspect(job, sent_at, payload)
 
     def trip(self, now: float, error: str) -> None:
-        """Open: forgive the suspects and schedule the first probe."""
+        """Open: forgive the suspects (kept in ``forgiven`` until the next trip, for
+        ``untrip``) and schedule the first probe."""
         if self.opened_at is None:
             self.opened_at = now
         self.error = error
+        self.forgiven = list(self.suspects.values())
         self.suspects.clear()
         self.streak.clear()
         self._schedule_probe(now, self.first_probe)

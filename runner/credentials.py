@@ -64,6 +64,7 @@ class Credentials:
         self._token_at = time.monotonic() if iam_token else 0.0
         self._retry_at = 0.0
         self._lock = anyio.Lock()
+        self._failed: tuple[str | None, float, CredentialsError] | None = None  # the last refresh
 
     def __repr__(self) -> str:  # never show a secret
         kind = "api-key" if self._api_key else "iam-token"
@@ -130,8 +131,15 @@ class Credentials:
         async with self._lock:
             if self._token != seen:
                 return  # someone else refreshed it meanwhile
-            self._token = await self._run_command()
-            self._token_at = time.monotonic()
+            failed = self._failed
+            if failed is not None and failed[0] == seen and time.monotonic() - failed[1] < 60:
+                raise failed[2]  # callers that waited for that refresh share its failure
+            try:
+                self._token = await self._run_command()
+            except CredentialsError as e:
+                self._failed = (seen, time.monotonic(), e)
+                raise
+            self._token_at, self._failed = time.monotonic(), None
             log.info("IAM token refreshed")
 
     async def _run_command(self) -> str:

@@ -143,7 +143,7 @@ class Poller:
             return
         breaker.success(sent, op.attempt.rowid)
         self.sch.noted("poll", was_open)
-        op.errors = 0
+        op.errors = op.faults = 0  # a budget for answers malformed in a row, not over a life
         now = time.time()
         age = now - op.submitted_at
         emit = self.sch.writer.emit
@@ -203,6 +203,9 @@ class Poller:
         if e.kind in ("forbidden", "invalid"):
             raise CredentialsError(f"poll refused ({e.short}): {e.message}; rerun to resume")
         op.errors += 1
+        breaker = self.sch.breakers["poll"]
+        if e.kind != "transient":
+            breaker.answered()  # the service is reachable: no outage
         if e.kind == "rate":
             self.sch.stats.throttled += 1
             self.sch.poll_pacer.throttle(e.retry_after)
@@ -212,5 +215,6 @@ class Poller:
                 self.sch.writer.emit(Failed(op.attempt, now, e.failure(), op.polls, charged=True))
                 return
         else:  # transient: never the operation's fault, and never a reason to give it up
-            self.sch.breakers["poll"].failure(anyio.current_time(), sent, op.attempt.rowid, e.short)
+            if breaker.failure(anyio.current_time(), sent, op.attempt.rowid, e.short) == "probe":
+                breaker.probe_failed(anyio.current_time())
         self.schedule(op, delay(op.errors, base=0.5, cap=30.0, retry_after=e.retry_after))

@@ -311,6 +311,8 @@ class Scheduler:
         log.debug("submit of %s failed (%s): %s", claim.id, e.kind, e.message)
         if not e.maybe_created:
             self.submit_pacer.refund(stamp)  # nothing was accepted: it does not use the quota
+        if e.kind != "transient":
+            self.breakers["submit"].answered()  # the service is reachable: no outage
         if e.kind == "rate":
             self.stats.throttled += 1
             self.submit_pacer.refused(stamp, e.retry_after)
@@ -330,8 +332,20 @@ class Scheduler:
         faults = claim.faults + 1
         if e.kind == "transient":
             breaker = self.breakers["submit"]
+            opened = breaker.is_open
             verdict = breaker.failure(anyio.current_time(), sent, a.rowid, e.short)
-            if verdict == "repeat":
+            if verdict == "outage" and not opened and await self._service_up():
+                for s in breaker.untrip():  # it tripped, yet the service answers: the jobs'
+                    emit(Charged(s.payload[0], now, s.payload[1], self.s.max_faults))
+                verdict = "job"
+            elif verdict == "probe":  # the probe failed: the service's, or the probe job's?
+                if await self._service_up():
+                    breaker.probe_was_the_jobs()
+                    verdict = "job"
+                else:
+                    breaker.probe_failed(anyio.current_time())
+                    verdict = "outage"
+            elif verdict == "repeat":
                 earlier = breaker.suspects.pop(a.rowid)
                 if await self._service_up():
                     emit(Charged(earlier.payload[0], now, earlier.payload[1], self.s.max_faults))

@@ -276,7 +276,8 @@ def test_on_a_really_full_disk_the_reserved_rescue_keeps_every_operation_id(tmp_
             assert run(["run", "-o", "out.jsonl"], disk, url, timeout=120).returncode == 0
             stats = emulator_stats(url)
             ambiguous = json.loads(run(["status", "--json"], disk).stdout)["ambiguousSubmits"]
-        assert stats["submits"] == 300 + ambiguous and ambiguous <= 5
+        # a claim the full disk kept from being released is counted ambiguous though never sent
+        assert 300 <= stats["submits"] <= 300 + ambiguous and ambiguous <= 5
         assert len(read_out(disk / "out.jsonl")) == 300
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)

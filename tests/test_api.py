@@ -195,3 +195,21 @@ def test_status_is_the_same_as_the_clis(tmp_path: Path) -> None:
     assert from_python.pop("database") == str(tmp_path / "runner.db")
     assert from_cli.pop("database") == "runner.db"  # each names it as it was given
     assert from_python == from_cli and from_cli["done"] == 2
+
+
+def test_a_jobs_file_gives_its_results_in_the_files_order(tmp_path: Path) -> None:
+    # for a path it returned every finished job in the database, in finishing order
+    (tmp_path / "other.jsonl").write_text('{"id": "j4", "prompt": "prompt j4"}\n{"id": "zz", "prompt": "x"}\n')
+    (tmp_path / "jobs.jsonl").write_text("".join(f'{{"id": "j{i}", "prompt": "prompt j{i}"}}\n' for i in range(5)))
+    runner.run(tmp_path / "other.jsonl", db=tmp_path / "api.db", emulator=True)
+    results = runner.run(tmp_path / "jobs.jsonl", db=tmp_path / "api.db", emulator=True)
+    assert [r.id for r in results] == ["j0", "j1", "j2", "j3", "j4"]
+
+
+def test_bad_input_leaves_a_users_empty_database_file_as_it_was(tmp_path: Path) -> None:
+    # a 0-byte file (say from mkstemp) counted as "created by runner" and was deleted
+    mine = tmp_path / "mine.db"
+    mine.write_bytes(b"")
+    with pytest.raises(runner.InputError):
+        runner.run([{"id": "x", "prompt": ""}], db=mine, emulator=True)
+    assert mine.exists() and mine.read_bytes() == b""

@@ -50,7 +50,8 @@ def test_open_it_lets_one_probe_through_at_growing_capped_intervals() -> None:
         now = b.next_probe_at
         waits.append(b.interval)
         assert b.allow(now) and not b.allow(now)  # one probe at a time
-        assert b.failure(now + 0.1, now, 7, "x") == "outage"
+        assert b.failure(now + 0.1, now, 7, "x") == "probe"
+        b.probe_failed(now + 0.1)
     assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
     closed, _ = b.success(now, job=7)
     assert closed and not b.is_open and b.allow(now) and b.allow(now)
@@ -71,3 +72,35 @@ def test_probe_jitter_stays_within_a_quarter_of_the_interval(r: float) -> None:
     b = Breaker[str]("poll", threshold=1, distinct=1, first_probe=4.0, rand=lambda: r)
     b.failure(10.0, 10.0, 1, "x")
     assert b.next_probe_at == pytest.approx(10.0 + 4.0 * (0.75 + 0.5 * r))
+
+
+def test_any_answer_that_is_not_a_transient_failure_ends_an_outage() -> None:
+    # a probe answered 400 or 429 left the breaker "probing" forever: the run hung
+    b = breaker(threshold=2, distinct=2)
+    b.failure(0.0, 0.0, 1, "x")
+    b.failure(0.0, 0.0, 2, "x")
+    assert b.allow(b.next_probe_at)
+    assert b.answered() and not b.is_open and b.allow(b.next_probe_at)
+
+
+def test_a_probe_whose_outcome_never_came_is_given_up() -> None:
+    b = breaker(threshold=2, distinct=2, probe_timeout=30.0)
+    b.failure(0.0, 0.0, 1, "x")
+    b.failure(0.0, 0.0, 2, "x")
+    due = b.next_probe_at
+    assert b.allow(due) and not b.allow(due + 29.0) and b.allow(due + 30.0)
+
+
+def test_a_probe_that_failed_on_its_own_job_ends_the_outage() -> None:
+    b = breaker(threshold=2, distinct=2, first_probe=1.0)
+    b.failure(0.0, 0.0, 1, "x")
+    b.failure(0.0, 0.0, 2, "x")
+    for _ in range(3):  # the service grows its interval while down...
+        now = b.next_probe_at
+        assert b.allow(now) and b.failure(now, now, 1, "x") == "probe"
+        b.probe_failed(now)
+    assert b.interval == 8.0
+    now = b.next_probe_at
+    assert b.allow(now) and b.failure(now, now, 1, "x") == "probe"
+    b.probe_was_the_jobs()  # ...but a job's own failure, with the service up, is no outage
+    assert not b.is_open and b.allow(now)

@@ -260,3 +260,15 @@ async def test_status_totals_match_a_full_recount(make_emulator: Any, tmp_path: 
     [kept] = db_rows(db, f"SELECT {tokens} FROM totals")
     [recount] = db_rows(db, f"SELECT {', '.join(f'SUM({c})' for c in tokens.split(', '))} FROM operations")
     assert kept == recount and kept[3] > 0
+
+
+async def test_scattered_malformed_polls_do_not_add_up_to_fail_a_finished_operation(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    # a good poll did not reset the count: bad answers over an operation's life failed it,
+    # though it finished (paid) on the server. Seed 22 gives xx.xx.x.x.x..... (x: malformed), no
+    # three in a row in its first 60 polls
+    e = await make_emulator(faults={"poll:shape": 0.4}, latency=(0.6, 0.6), seed=22)
+    report = await run_against(e, tmp_path, jobs(tmp_path, 1), settings=fast_settings(max_faults=3))
+    assert e.stats["fault_poll_shape"] >= 3
+    assert report.exit_code == 0 and all_done(tmp_path, 1)[0]["status"] == "done"

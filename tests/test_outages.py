@@ -212,3 +212,76 @@ async def test_an_outage_charges_nothing_against_the_hourly_submit_budget(tmp_pa
     assert r.returncode == 0, r.stderr
     assert stats["outage_requests"] >= 1 and stats.get("submit_429", 0) == 0
     assert len(read_out(tmp_path / "out.jsonl")) == 5
+
+
+# -- found by the adversarial review of the outage work -------------------------------------------
+
+
+def test_a_probe_answered_400_ends_the_outage_instead_of_wedging_submits(tmp_path: Path) -> None:
+    # the probe after an outage was a job the server refuses (400): the breaker stayed "probing"
+    # and no submit left again (a hang; with --max-outage, a false exit 4)
+    write_jobs(tmp_path / "jobs.jsonl", [{"id": f"bad{i}", "prompt": "p", "model": "nosuchmodel"}
+                                         for i in range(8)] + [{"id": f"ok{i}", "prompt": "q"} for i in range(4)])  # fmt: skip
+    with emulator_process("--latency", "0.2:0.5", "--known-model", "yandexgpt-lite",
+                          "--outage", "0:4:503") as url:  # fmt: skip
+        proc = start(tmp_path, url, "--max-outage", "30s")
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert db_states(tmp_path / "runner.db") == {"failed": 8, "done": 4}
+
+
+def test_polls_answered_429_or_503_at_random_do_not_wedge_the_poll_breaker(tmp_path: Path) -> None:
+    # a poll probe answered 429 never reported back: polls stopped for good, 20 operations running
+    make_jobs(tmp_path / "jobs.jsonl", 20)
+    with emulator_process("--latency", "0.5:1", "--seed", "7", "--fault", "poll:503=0.5",
+                          "--fault", "poll:429=0.5") as url:  # fmt: skip
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--probe-max", "1"), cwd=tmp_path,
+                                env=child_env(url), stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    assert db_states(tmp_path / "runner.db") == {"done": 20}
+
+
+def test_two_poisonous_prompts_fail_after_their_budget_rather_than_hold_an_outage(tmp_path: Path) -> None:
+    # P1, P2, P1 failing tripped the breaker, whose probes (P1 or P2) then failed forever
+    write_jobs(tmp_path / "jobs.jsonl", [{"id": f"ok{i}", "prompt": f"fine {i}"} for i in range(6)]
+               + [{"id": "poison1", "prompt": "POISON one"}, {"id": "poison2", "prompt": "POISON two"}])  # fmt: skip
+    with emulator_process("--latency", "0.2:0.4", "--poison", "POISON") as url:
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", *PROBE, "--max-faults", "3"), cwd=tmp_path,
+                                env=child_env(url), stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert db_rows(tmp_path / "runner.db", "SELECT id, state FROM jobs WHERE id LIKE 'poison%' "
+                   "ORDER BY id") == [("poison1", "failed"), ("poison2", "failed")]  # fmt: skip
+    assert db_states(tmp_path / "runner.db")["done"] == 6
+
+
+@pytest.mark.anyio
+async def test_callers_waiting_on_a_failing_token_command_share_its_one_retry_window(
+    tmp_path: Path,
+) -> None:
+    # each waiting caller reran the whole retry loop: (callers + 1) x retry_for before exit 3
+    import anyio
+
+    from runner.credentials import Credentials
+    from runner.errors import CredentialsError
+
+    fail = tmp_path / "fail.sh"
+    fail.write_text("#!/bin/sh\nexit 1\n")
+    fail.chmod(0o700)
+    creds = Credentials("f", token_command=str(fail), retry_for=1.0)
+    errors: list[str] = []
+
+    async def call() -> None:
+        try:
+            await creds.headers()
+        except CredentialsError as e:
+            errors.append(str(e))
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(call)
+    assert len(errors) == 8 and time.monotonic() - started < 2.5
