@@ -26,6 +26,7 @@ contestant's whole process. CPU and peak RSS are the contestant's own (wait4).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -146,9 +147,21 @@ def contestant(name: str, r: Regime, url: str, work: Path) -> list[str]:
 
 
 def wait_rusage(proc: subprocess.Popen[bytes]) -> tuple[int, float, float]:
-    _, status, usage = os.wait4(proc.pid, 0)
+    """Exit code, CPU seconds and peak RSS (MB) of the contestant alone. The peak is read
+    from /proc (VmHWM, which exec resets): wait4's ru_maxrss would include this process's own
+    RSS at fork time, which a child inherits on Linux."""
+    peak = 0
+    while True:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.1)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    return proc.returncode, usage.ru_utime + usage.ru_stime, peak / 1024
 
 
 def drain(name: str, r: Regime, tmin: float, work: Path) -> dict[str, Any]:
