@@ -219,8 +219,8 @@ def ingest(n: int, work: Path) -> dict[str, Any]:
     make_jobs(jobs, n)
     proc = subprocess.Popen([PY, "-c", INGEST, str(jobs), str(db)], stdout=subprocess.PIPE)
     assert proc.stdout is not None
+    code, _, rss = wait_rusage(proc)  # first: a reaped process has no VmHWM (one short line waits)
     out = proc.stdout.read().decode().split()
-    code, _, rss = wait_rusage(proc)
     added, seconds = int(out[0]), float(out[1])
     row: dict[str, Any] = {"lines": n, "exit": code, "seconds": round(seconds, 1),
                            "lines/s": round(added / seconds), "peak RSS MB": round(rss, 1)}  # fmt: skip
