@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.procs import free_port  # noqa: E402
+from bench.run import spawn_emulator  # noqa: E402
 
 PY = sys.executable
 
@@ -45,20 +45,8 @@ def stats(url: str, detail: bool = False) -> dict[str, Any]:
 
 
 def emulator(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    cmd = [PY, "-m", "runner", "emulator", "--port", str(port), "--seed", "1",
-           "--latency", args.latency, "--submit-rps", str(args.rps),
-           "--outage", f"{args.outage_at}:{args.length}:{args.kind}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            stats(url)
-            return proc, url
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("emulator did not start")
+    return spawn_emulator("--seed", "1", "--latency", args.latency, "--submit-rps", str(args.rps),
+                          "--outage", f"{args.outage_at}:{args.length}:{args.kind}")
 
 
 def recovery(times: list[float], end: float, rate: float) -> float | None:

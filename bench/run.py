@@ -100,8 +100,13 @@ def emulator_args(r: Regime) -> list[str]:
 
 
 def start_emulator(r: Regime) -> tuple[subprocess.Popen[bytes], str]:
+    return spawn_emulator(*emulator_args(r))
+
+
+def spawn_emulator(*args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``runner emulator ARGS`` in its own process, once it answers; (process, base URL)."""
     port = free_port()
-    cmd = [PY, "-m", "runner", "emulator", "--port", str(port), *emulator_args(r)]
+    cmd = [PY, "-m", "runner", "emulator", "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
