@@ -14,8 +14,9 @@ slot whose request was answered 429 or 5xx, or never connected, is handed back (
 The contract does not say whether the hour is rolling, fixed or a continuously refilled bucket,
 and a rolling model wastes what the other shapes allow. So when the window says "wait", the
 pacer probes: one submit at growing intervals (from ``hour/360``, doubling on each 429 up to
-``hour/10``); each accepted probe shortens the interval (by 20% until the first refusal, by 2%
-after it). Against a rolling window this costs a few 429s an hour; against a token bucket the
+``hour/10``); each accepted probe shortens the interval (by 20% until the first refusal, by
+0.1% after it), and a refusal that follows an accepted probe lengthens it by 25%, so that
+once settled at the server's refill rate about one probe in 200 is refused. Against a rolling window this costs a few 429s an hour; against a token bucket the
 probes settle at its refill rate; after a fixed window resets they find the new room.
 """
 
@@ -61,6 +62,7 @@ class Pacer:
         self._probe_next = -math.inf
         self._probes: set[float] = set()  # stamps of slots granted past the model
         self._refused_once = False
+        self._probe_ok = False  # the last probe answered was accepted
 
     @property
     def rate(self) -> float:
@@ -104,9 +106,10 @@ class Pacer:
 
     async def room(self) -> int:
         """Wait until a slot could be had, without taking it; returns how many the hourly
-        window has left (so a caller can claim no more work than it can send soon)."""
+        window has left, or past it the probes of the next 100 ms (so a caller can claim no
+        more work than it can send soon)."""
         await self._until_free()
-        return self.left()
+        return max(self.left(), int(0.1 / self._probe_interval) if self._probe_ok else 0)
 
     async def _until_free(self) -> tuple[float, bool]:
         # a deadline that a 429 may push later, re-read after each sleep (not a handoff); the
@@ -157,8 +160,11 @@ class Pacer:
         """The request of this slot was accepted; a probe's success shortens the interval."""
         if stamp in self._probes:
             self._probes.discard(stamp)
-            self._probe_interval *= 0.98 if self._refused_once else 0.8
+            # fast until the first refusal; then slowly, so that refusals stay rare (about one
+            # in 200 probes once the interval has settled at what the server refills)
+            self._probe_interval *= 0.999 if self._refused_once else 0.8
             self._probe_next = min(self._probe_next, stamp + self._probe_interval)
+            self._probe_ok = True
 
     def refused(self, stamp: float, retry_after: float | None) -> None:
         """A 429 for this slot's request: a probe's lengthens the interval, another's slows the
@@ -167,7 +173,11 @@ class Pacer:
         if stamp in self._probes:
             self._probes.discard(stamp)
             self._refused_once = True
-            self._probe_interval = min(self._probe_max, self._probe_interval * 2)
+            # a refusal after an accepted probe is the settled rate's edge: step back a little;
+            # refusals in a row mean the window is shut: back off fast
+            grow = 1.25 if self._probe_ok else 2.0
+            self._probe_ok = False
+            self._probe_interval = min(self._probe_max, self._probe_interval * grow)
             self._probe_next = self.clock() + self._probe_interval
             self.throttled += 1
             return
