@@ -148,7 +148,7 @@ class Pacer:
             # or so, which would cost 10% at 100/s), from the grant after a longer stall: that
             # is not made up with a burst, which a server counting per second would refuse
             gap = 1.0 / self.rate_at(stamp)
-            self._next = max(self._next, stamp - gap / 4) + gap
+            self._next = (self._next if stamp - self._next <= gap / 4 else stamp) + gap
             if self.per_hour is not None:
                 bisect.insort(self._stamps, stamp)
             if probe:
