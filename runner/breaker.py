@@ -100,11 +100,6 @@ class Breaker(Generic[T]):
         forgiven, self.forgiven = self.forgiven, []
         return forgiven
 
-    def probe_was_the_jobs(self) -> None:
-        """The probe failed, but a free request showed the service up: the failure was the
-        probe's job's own (charged by the caller), and there is no outage."""
-        self.answered()
-
     def success(self, sent_at: float, job: int) -> tuple[bool, list[Suspect[T]]]:
         """A request succeeded: (whether that closed the breaker, the suspects now proven)."""
         self.last_success_sent = max(self.last_success_sent, sent_at)
@@ -119,8 +114,8 @@ class Breaker(Generic[T]):
 
     def failure(self, now: float, sent_at: float, job: int, error: str) -> Verdict:
         """A transient failure. ``"probe"``: the probe failed while open; the caller may ask a
-        free endpoint whether the service is up (``probe_was_the_jobs``) before calling it an
-        outage (``probe_failed``)."""
+        free endpoint whether the service is up (then ``answered``: the job's own failure) before
+        calling it an outage (``probe_failed``)."""
         if self.opened_at is not None:
             if self.probing and sent_at >= self.probe_at:  # the probe, not a straggler
                 return "probe"

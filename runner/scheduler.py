@@ -340,7 +340,7 @@ class Scheduler:
                 verdict = "job"
             elif verdict == "probe":  # the probe failed: the service's, or the probe job's?
                 if await self._service_up():
-                    breaker.probe_was_the_jobs()
+                    breaker.answered()  # the service is up: the probe job's own failure
                     verdict = "job"
                 else:
                     breaker.probe_failed(anyio.current_time())

@@ -96,3 +96,28 @@ def run(args: list[str], cwd: Path, url: str | None = None, timeout: float = 120
     """``runner ARGS`` in a subprocess, to the end; text output."""
     return subprocess.run(runner_cmd(*args), cwd=cwd, env=child_env(url, **env),
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def kill_when_running(cwd: Path, url: str, n: int, rps: str = "50", timeout: float = 20) -> None:
+    """``runner run jobs.jsonl`` in ``cwd``, killed with SIGKILL once ``n`` of its jobs are
+    running (or after ``timeout``): a run that died with operations in flight."""
+    import signal
+    import sqlite3
+
+    def running() -> int:
+        try:
+            con = sqlite3.connect(cwd / "runner.db", timeout=10)
+            try:
+                return int(con.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running'").fetchone()[0])
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return 0
+
+    proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--submit-rps", rps), cwd=cwd,
+                            env=child_env(url), stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while running() < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

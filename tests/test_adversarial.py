@@ -32,6 +32,7 @@ from tests.procs import (
     child_env,
     emulator_process,
     emulator_stats,
+    kill_when_running,
     make_jobs,
     run,
     runner_cmd,
@@ -203,13 +204,7 @@ def test_an_output_file_shorter_than_recorded_is_never_padded(tmp_path: Path) ->
 def test_sync_mode_collects_operations_an_async_run_left_running(tmp_path: Path) -> None:
     make_jobs(tmp_path / "jobs.jsonl", 10)
     with emulator_process("--latency", "2:3") as url:
-        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--submit-rps", "50"), cwd=tmp_path,
-                                env=child_env(url), stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + 20
-        while db_states(tmp_path / "runner.db").get("running", 0) < 10 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_when_running(tmp_path, url, 10)
         r = run(["run", "--mode", "sync", "-o", "out.jsonl"], tmp_path, url, timeout=60)
         stats = emulator_stats(url)
     assert r.returncode == 0, r.stderr

@@ -102,5 +102,5 @@ def test_a_probe_that_failed_on_its_own_job_ends_the_outage() -> None:
     assert b.interval == 8.0
     now = b.next_probe_at
     assert b.allow(now) and b.failure(now, now, 1, "x") == "probe"
-    b.probe_was_the_jobs()  # ...but a job's own failure, with the service up, is no outage
+    b.answered()  # ...but a job's own failure, with the service up, is no outage
     assert not b.is_open and b.allow(now)

@@ -19,6 +19,7 @@ from tests.procs import (
     emulator_process,
     emulator_stats,
     free_port,
+    kill_when_running,
     make_jobs,
     run,
     runner_cmd,
@@ -65,13 +66,7 @@ def test_cancel_without_credentials_changes_nothing(tmp_path: Path) -> None:
     # 12.3: it exited 2 after it had already cancelled the pending jobs
     make_jobs(tmp_path / "jobs.jsonl", 40)
     with emulator_process("--latency", "30:40") as url:
-        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--submit-rps", "10"), cwd=tmp_path,
-                                env=child_env(url), stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + 20
-        while db_states(tmp_path / "runner.db").get("running", 0) < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_when_running(tmp_path, url, 5, rps="10")
     before = db_states(tmp_path / "runner.db")
     assert before.get("pending", 0) > 0 and before.get("running", 0) > 0
     r = run(["cancel"], tmp_path, YC_API_KEY="")

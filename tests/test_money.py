@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import resource
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_out, write_jobs
-from tests.killloop import db_states
 from tests.procs import (
     child_env,
     emulator_detail,
     emulator_process,
     emulator_stats,
+    kill_when_running,
     make_jobs,
     run,
     runner_cmd,
@@ -87,13 +86,7 @@ def test_cancel_records_operations_that_had_already_finished(tmp_path: Path) -> 
     # 9.4: cancel marked finished operations cancelled and their answers were lost
     make_jobs(tmp_path / "jobs.jsonl", 6)
     with emulator_process("--latency", "1:1.5") as url:
-        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--submit-rps", "50"), cwd=tmp_path,
-                                env=child_env(url), stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + 20
-        while db_states(tmp_path / "runner.db").get("running") != 6 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_when_running(tmp_path, url, 6)
         time.sleep(2.0)  # every operation has finished on the server, none was collected
         r = run(["cancel", "--json"], tmp_path, url)
         assert r.returncode == 0, r.stderr

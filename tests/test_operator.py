@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +11,13 @@ from click.testing import CliRunner
 
 from runner.cli import cli
 from tests.conftest import read_out
-from tests.killloop import db_states
-from tests.procs import child_env, emulator_process, emulator_stats, make_jobs, runner_cmd
+from tests.procs import (
+    child_env,
+    emulator_process,
+    emulator_stats,
+    kill_when_running,
+    make_jobs,
+)
 
 
 def invoke(url: str, *args: str) -> tuple[int, str]:
@@ -125,15 +127,7 @@ def test_cancel_pending_only(cwd: Path) -> None:
 def test_cancel_asks_the_server_to_cancel_running_operations(cwd: Path) -> None:
     make_jobs(cwd / "jobs.jsonl", 8)
     with emulator_process("--latency", "30:40") as url:
-        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--submit-rps", "50"), cwd=cwd,
-                                env=child_env(url), stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            if db_states(cwd / "runner.db").get("running") == 8:
-                break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_when_running(cwd, url, 8)
         code, output = invoke(url, "cancel", "--json")
         assert code == 0, output
         assert json.loads(output) == {
