@@ -146,6 +146,18 @@ async def test_torn_output_tail_is_cut_and_rewritten_once(emulator: Emu, tmp_pat
     assert sorted(r["id"] for r in lines) == ["line-3", "q1", "q2"]
 
 
+async def test_a_kill_in_the_first_line_of_a_new_output_is_cut_and_written_once(
+    emulator: Emu, tmp_path: Path
+) -> None:
+    # nothing committed yet (a kill during the first append, or during a rebuild): the bytes on
+    # disk are the start of what runner writes, so they are cut, not taken for a hand edit
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:1])
+    await run_against(emulator, tmp_path, jobs)
+    uncommit_last_line(tmp_path / "runner.db", tmp_path / "out.jsonl", keep=9)
+    await run_against(emulator, tmp_path, None)
+    assert [r["id"] for r in read_out(tmp_path / "out.jsonl")] == [JOBS[0]["id"]]
+
+
 async def test_new_output_path_gets_every_result(emulator: Emu, tmp_path: Path) -> None:
     jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
     await run_against(emulator, tmp_path, jobs)
