@@ -69,6 +69,7 @@ class Running:
     faults: int = 0  # malformed answers: the operation's own faults
     last_miss: float = 0.0  # age at the last poll that found it still running
     scout: bool = False  # one of the run's first operations: polled finely until learned
+    fresh: bool = False  # submitted by this process: its first poll is planned from its submit
 
     @property
     def operation_id(self) -> str:

@@ -65,7 +65,7 @@ class Poller:
 
     def submitted_now(self, op: Running) -> None:
         """A new operation: schedule its first poll."""
-        op.scout = self.policy.scout(self.submitted)
+        op.scout, op.fresh = self.policy.scout(self.submitted), True
         self.submitted += 1
         wait = self.policy.first_wait(slack=self.sch.slack(), horizon=self._horizon(),
                                       elapsed=self._elapsed(), scout=op.scout)  # fmt: skip
@@ -89,6 +89,8 @@ class Poller:
             now, wall = anyio.current_time(), time.time()
             running = [(wall - op.submitted_at, op.last_miss) for _, _, op in self.heap]
             self.horizon_at = now + self.policy.horizon(self.sch.slack(), running)
+            if self.policy.replan(self.sch.slack()):
+                self._replan(now, wall)
             log.debug("horizon in %.1f s; %d running; latency q50 %.1f q99 %.1f (%d seen)",
                       self.horizon_at - now, len(running), self.policy.sketch.quantile(0.5),
                       self.policy.sketch.quantile(0.99), self.policy.sketch.n)  # fmt: skip
@@ -98,6 +100,16 @@ class Poller:
                 self.heap = [(min(due, latest), n, op) for due, n, op in self.heap]
                 heapq.heapify(self.heap)
                 self._changed.set()
+
+    def _replan(self, now: float, wall: float) -> None:
+        """First polls not made yet, planned again from the estimate as it is now."""
+        wait = self.policy.first_wait(slack=self.sch.slack(), horizon=math.inf,
+                                      elapsed=self._elapsed())  # fmt: skip
+        self.heap = [(max(now, now - (wall - op.submitted_at) + wait), n, op)
+                     if op.fresh and not op.polls and not op.scout else (due, n, op)
+                     for due, n, op in self.heap]  # fmt: skip
+        heapq.heapify(self.heap)
+        self._changed.set()
 
     async def run(self, workers: TaskGroup) -> None:
         limiter = anyio.Semaphore(self.s.poll_concurrency)
@@ -160,7 +172,7 @@ class Poller:
             ))  # fmt: skip
             return
         log.debug("operation %s finished after %.1f s (poll %d)", op.operation_id, age, op.polls)
-        if op.polls > 1 or age < 2 * self.policy.first:  # not a resumed, long-gone job
+        if op.fresh or op.polls > 1:  # not a previous run's, found done long after it finished
             self.policy.observe_done(op.last_miss, age)
         if state.completion is not None:
             emit(Answered(op.attempt, now, state.completion, op.polls))

@@ -32,6 +32,8 @@ _RATIO = 1.08  # bucket width: quantiles are read to within 8%
 _BUCKETS = 300  # up to _LO * _RATIO**300, about 10^7 s
 _LOG_RATIO = math.log(_RATIO)
 TAIL_EXPONENT = 20.0
+UNSEEN_EXPONENT = 2.0  # the tail past every latency seen: a heavy one, see survival_function
+SCOUTED = 5000  # past this many operations, scouts are ten times rarer: the estimate has enough
 EXACT_UP_TO = 2000  # running operations weighed one by one in the horizon; more are bucketed
 
 
@@ -63,7 +65,7 @@ class LatencySketch:
     _refreshed_at: int = 0  # n at the last refresh
     _cache: dict[float, float] = field(default_factory=dict)
     _tail: list[float] = field(default_factory=list)  # survival per bucket
-    _top: int = 0  # the last bucket holding probability
+    _done_top: int = 0  # the last bucket an operation was seen to finish in
 
     def add(self, lo: float, hi: float) -> None:
         """An operation finished after ``lo`` seconds and at most ``hi`` (``lo`` may be 0)."""
@@ -122,13 +124,21 @@ class LatencySketch:
             left -= x
             tail.append(max(left, 0.0))
         self._tail = tail
-        self._top = max((i for i, x in enumerate(p) if x > 1e-9), default=0)
+        self._done_top = max(b for _, b in self.intervals)
 
     def quantile(self, q: float) -> float:
+        """The ``q`` quantile. Where it lies past every latency seen to finish (only operations
+        still running reach there), it comes from the unseen tail (see ``survival``)."""
         self._refresh()
+        if not self.n:
+            return _middle(_BUCKETS - 1)
         if q not in self._cache:
-            seen, found = 0.0, _middle(_BUCKETS - 1)
-            for i, x in enumerate(self.p):
+            top, beyond = _middle(self._done_top), self._tail[self._done_top]
+            if beyond > 1 - q:  # the tail: beyond * (top / s) ** UNSEEN_EXPONENT = 1 - q
+                self._cache[q] = top * (beyond / (1 - q)) ** (1 / UNSEEN_EXPONENT)
+                return self._cache[q]
+            seen, found = 0.0, top
+            for i, x in enumerate(self.p[: self._done_top + 1]):
                 seen += x
                 if seen >= q - 1e-12 and x > 0:
                     found = _middle(i)
@@ -137,31 +147,34 @@ class LatencySketch:
         return self._cache[q]
 
     def survival_function(self) -> Callable[[float], float]:
-        """``survival``, with the estimate fixed: for many lookups in a row (the horizon)."""
+        """P(latency > seconds), the estimate fixed for many lookups in a row (the horizon).
+
+        Past the longest latency seen to finish there are two tails. The share of operations
+        known to run longer (``beyond``: early in a run, most of them) goes on with a heavy
+        power law (``UNSEEN_EXPONENT``): nothing says how much longer they take, so the
+        estimate does not pretend they finish soon. And a floor, half an operation's worth,
+        decays steeply (``TAIL_EXPONENT``): an operation older than any seen to finish is
+        expected to finish eventually rather than to run forever.
+        """
         self._refresh()
-        tail, top = self._tail, self._top
+        if not self.n:
+            return lambda seconds: 1.0
+        tail, done = self._tail, self._done_top
         floor = 0.5 / max(self.n, 1)
-        top_seconds = _middle(top)
+        top, beyond = _middle(done), tail[done]
 
         def survival(seconds: float) -> float:
             i = int(math.log(max(seconds, _LO) / _LO) / _LOG_RATIO)
-            if i < top:
+            if i < done:
                 return max(tail[i], floor)
-            return float(floor * (top_seconds / max(seconds, top_seconds)) ** TAIL_EXPONENT)
+            ratio = top / max(seconds, top)
+            return float((floor + beyond) * ratio**TAIL_EXPONENT)
 
         return survival
 
     def survival(self, seconds: float) -> float:
-        """P(latency > seconds); past the longest latency seen, a power-law tail (exponent
-        ``TAIL_EXPONENT``), so an operation older than any seen to finish is expected to finish
-        eventually rather than to run forever."""
-        self._refresh()
-        i = _bucket(seconds)
-        floor = 0.5 / max(self.n, 1)
-        if i < self._top:
-            return max(self._tail[i], floor)
-        top = _middle(self._top)
-        return float(floor * (top / max(seconds, top)) ** TAIL_EXPONENT)
+        """P(latency > seconds): see ``survival_function``."""
+        return self.survival_function()(seconds)
 
 
 @dataclass
@@ -174,12 +187,14 @@ class PollPolicy:
     tail_share: float = 0.005  # from the horizon on, no wait exceeds this share of the run
     alive: float = 3.0  # the horizon: when this many operations are still expected to run
     prior: float = 15.0  # first poll before anything is learned (the docs say minutes)
+    unlearned: float = 4.0  # the others' first poll before anything is learned, in priors
     prior_growth: float = 1.18  # the scouts' back-off: their results resolve the latency finely
     scouts: int = 20  # a run's first operations are scouts (all of a small batch) ...
     scout_every: int = 100  # ... and every this-many-th one after them
     min_wait: float = 0.02
     min_samples: int = 20
     sketch: LatencySketch = field(default_factory=LatencySketch)
+    _planned_from: tuple[bool, int] = (False, -1)
 
     @property
     def learned(self) -> bool:
@@ -249,20 +264,39 @@ class PollPolicy:
         but no less than the usual ``quantile``; and never past the horizon's tail.
         """
         if not self.learned:
-            # none finished yet although some have run this long: no sooner than half that
+            if scout:
+                return self.prior
+            # only the scouts learn; the others wait for what they find (``replan``), unless
+            # that takes long: a few priors, and past twice the oldest age seen running
             oldest = _middle(max(self.sketch.censored)) if self.sketch.censored else 0.0
-            return self.prior if scout else max(self.prior, oldest / 2)
+            return max(self.unlearned * self.prior, 2 * oldest)
         q = self.sketch.quantile
         if scout:
             return max(self.min_wait, min(self.prior, q(0.1)))
         wait = max(q(self.quantile), min(slack, q(self.patient_quantile)))
         return max(self.min_wait, min(wait, self._cap(horizon, elapsed)))
 
+    def replan(self, slack: float) -> bool:
+        """Whether the first polls not made yet should be planned again: the estimate they
+        were planned from has moved since the last time this said so (by a bucket or more).
+
+        A first poll is planned when its operation is submitted, from what is known then;
+        early in a run that is little (latencies longer than the run so far cannot have been
+        seen), and a first poll planned from it mostly misses. Planned again as the estimate
+        grows, most first polls find their operation done.
+        """
+        key = (self.learned, _bucket(self.first_wait(slack=slack, horizon=math.inf, elapsed=0.0)))
+        if key == self._planned_from:
+            return False
+        self._planned_from = key
+        return True
+
     def scout(self, ordinal: int) -> bool:
         """Whether the run's ``ordinal``-th operation (from 0) is a scout, polled finely: the
         others' polls show their latency only within a factor of ``growth``; the scouts' pin
         it down, which is what the estimate needs between those coarse intervals."""
-        return ordinal < self.scouts or ordinal % self.scout_every == 0
+        every = self.scout_every * (1 if ordinal < SCOUTED else 10)
+        return ordinal < self.scouts or ordinal % every == 0
 
     def next_wait(
         self, age: float, *, horizon: float, elapsed: float, scout: bool = False,

@@ -55,7 +55,7 @@ def test_operations_still_running_keep_early_estimates_from_being_too_short() ->
 
 def test_the_first_poll_goes_out_near_the_quantile_once_learned() -> None:
     policy = PollPolicy(quantile=0.85, patient_quantile=0.99)
-    assert policy.first_wait(slack=100.0, horizon=math.inf, elapsed=0.0) == policy.prior
+    assert policy.first_wait(slack=100.0, horizon=math.inf, elapsed=0.0, scout=True) == 15.0
     lat = lognormal(2000, median=4.0, sigma=0.8, seed=4)
     for x in lat:
         policy.observe_done(x * 0.9, x * 1.1)
@@ -85,6 +85,45 @@ def test_before_anything_is_learned_scouts_back_off_gently_the_rest_patiently() 
         age += policy.next_wait(age, horizon=math.inf, elapsed=age, scout=True)
         polls += 1
     assert polls <= 20 and age < 300.0 * 1.18
+
+
+def test_before_anything_is_learned_the_others_wait_for_the_scouts() -> None:
+    policy = PollPolicy(prior=15.0, unlearned=4.0)
+    assert policy.first_wait(slack=0.0, horizon=math.inf, elapsed=0.0) == 60.0
+    policy.horizon(0.0, [(100.0, 100.0)] * 5)  # five seen running at 100 s: twice that
+    assert policy.first_wait(slack=0.0, horizon=math.inf, elapsed=100.0) > 180.0
+
+
+def test_first_polls_are_planned_again_when_the_estimate_moves() -> None:
+    policy = PollPolicy(min_samples=20)
+    assert policy.replan(0.0) and not policy.replan(0.0)  # the first call; then nothing moved
+    for x in lognormal(40, median=30.0, sigma=0.3, seed=2):
+        policy.observe_done(x * 0.95, x)
+    assert policy.replan(0.0)  # learned
+    before = policy.first_wait(slack=0.0, horizon=math.inf, elapsed=100.0)
+    assert not policy.replan(0.0)
+    for x in lognormal(200, median=120.0, sigma=0.3, seed=3):
+        policy.observe_done(x * 0.95, x)
+    assert policy.replan(0.0)
+    assert policy.first_wait(slack=0.0, horizon=math.inf, elapsed=100.0) > 2 * before
+
+
+def test_a_quantile_past_every_latency_seen_is_not_taken_for_the_longest_seen() -> None:
+    # 20 finished within 10 s, while 180 have been seen running at 12 s: most of the
+    # distribution lies past anything seen, and its 85th percentile is not "about 12 s"
+    policy = PollPolicy()
+    for i in range(20):
+        policy.observe_done(0.0, 5.0 + i * 0.25)
+    policy.horizon(0.0, [(12.0, 12.0)] * 180)
+    assert policy.sketch.quantile(0.85) > 2 * 12.0
+    assert policy.sketch.quantile(0.05) < 10.0
+
+
+def test_scouts_grow_rarer_once_the_estimate_has_plenty() -> None:
+    policy = PollPolicy(scouts=20, scout_every=100)
+    early = sum(policy.scout(i) for i in range(5000))
+    late = sum(policy.scout(i) for i in range(5000, 10_000))
+    assert early == 20 + 49 and late == 5
 
 
 def test_from_the_horizon_on_no_wait_exceeds_the_tail_share_of_the_run() -> None:
