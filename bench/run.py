@@ -44,11 +44,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.simulate import slots  # noqa: E402
 from runner import emulator as emu  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 
 PY = sys.executable
+PRIOR = 15.0  # runner's default --latency-prior, real seconds
 
 
 @dataclass(frozen=True)
@@ -131,13 +131,37 @@ def make_jobs(path: Path, n: int) -> None:
             f.write(json.dumps({"id": f"job-{i}", "prompt": body(i)["messages"][0]["text"]}) + "\n")
 
 
-def t_min(r: Regime) -> float:
+def latencies(r: Regime) -> list[float]:
+    """Each job's latency, as the regime's emulator (seed 1) draws it from the job's body."""
     config = emu.Config(seed=1, lognormal=r.lognormal, latency_cap=r.cap,
                         latency=r.uniform or (0.05, 0.2))  # fmt: skip
     e = emu.Emulator(config)
-    latency = [e.latency_of(body(i)) for i in range(r.jobs)]
+    return [e.latency_of(body(i)) for i in range(r.jobs)]
+
+
+def slots(n: int, rate: float, per_hour: int | None, hour: float, shape: str,
+          margin: float = 0.0) -> list[float]:  # fmt: skip
+    """Earliest submit times under the quotas (``margin`` widens the window, as runner does)."""
+    out: list[float] = []
+    window = hour + margin
+    for k in range(n):
+        t = k / rate
+        if per_hour is not None and k >= per_hour:
+            if shape == "rolling":
+                t = max(t, out[k - per_hour] + window)
+            elif shape == "fixed":
+                t = max(t, (k // per_hour) * window)
+            else:  # bucket: capacity per_hour, refilled per_hour/hour per second, starting full
+                t = max(t, (k - per_hour + 1) * window / per_hour)
+        if out:
+            t = max(t, out[-1])
+        out.append(t)
+    return out
+
+
+def t_min(r: Regime) -> float:
     first = slots(r.jobs, r.rps, r.per_hour, r.hour, r.shape)
-    return max(s + x for s, x in zip(first, latency, strict=True))
+    return max(s + x for s, x in zip(first, latencies(r), strict=True))
 
 
 def contestant(name: str, r: Regime, url: str, work: Path) -> list[str]:
@@ -146,7 +170,7 @@ def contestant(name: str, r: Regime, url: str, work: Path) -> list[str]:
                 str(work / "runner.db"), "-o", str(work / "runner.out.jsonl"),
                 "--submit-rps", str(r.rps), "--submit-per-hour", str(r.per_hour or 10**9),
                 "--quota-window", str(r.hour), "--poll-rps", str(r.poll_rps),
-                "--latency-prior", str(15.0 / r.scale), "--llm-url", url, "--operation-url", url]  # fmt: skip
+                "--latency-prior", str(PRIOR / r.scale), "--llm-url", url, "--operation-url", url]  # fmt: skip
     return [PY, str(ROOT / "bench" / "sdk_pattern.py"), str(work / "jobs.jsonl"), url,
             str(r.scale), str(work / "sdk.out.jsonl")]  # fmt: skip
 
