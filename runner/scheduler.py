@@ -66,7 +66,7 @@ class Settings:
     sync_concurrency: int = 10
     max_faults: int = 5
     max_resubmits: int = 2
-    submit_concurrency: int = 0  # 0: enough for the pace (rate x 100 ms), at least 4
+    submit_concurrency: int = 0  # 0: enough for the pace (rate x 500 ms), at least 4
     poll_concurrency: int = 64
     op_deadline: float = 24 * 3600.0
     resubmit_stuck: bool = False
@@ -218,7 +218,7 @@ class Scheduler:
     async def _submitter(self, workers: TaskGroup) -> None:
         sync = self.s.mode == "sync"
         concurrency = self.s.sync_concurrency if sync else (
-            self.s.submit_concurrency or max(4, math.ceil(self.s.submit_rps * 0.1)))  # fmt: skip
+            self.s.submit_concurrency or max(4, math.ceil(self.s.submit_rps * 0.5)))  # fmt: skip
         limiter = anyio.Semaphore(concurrency)
         breaker = self.breakers["submit"]
         while True:
