@@ -15,7 +15,7 @@ The contract does not say whether the hour is rolling, fixed or a continuously r
 and a rolling model wastes what the other shapes allow. So when the window says "wait", the
 pacer probes: one submit at growing intervals (from ``hour/360``, doubling on each 429 up to
 ``hour/10``); each accepted probe shortens the interval (by 20% until the first refusal, by
-0.1% after it), and a refusal that follows an accepted probe lengthens it by 25%, so that
+0.1% after it, never below one per-second slot), and a refusal that follows an accepted probe lengthens it by 25%, so that
 once settled at the server's refill rate about one probe in 200 is refused. Against a rolling window this costs a few 429s an hour; against a token bucket the
 probes settle at its refill rate; after a fixed window resets they find the new room.
 """
@@ -162,7 +162,11 @@ class Pacer:
             self._probes.discard(stamp)
             # fast until the first refusal; then slowly, so that refusals stay rare (about one
             # in 200 probes once the interval has settled at what the server refills)
-            self._probe_interval *= 0.999 if self._refused_once else 0.8
+            # never below one per-second slot: the per-second pace caps probes anyway, and an
+            # interval shrunk past it by a long run of accepted probes took hundreds of
+            # refusals to grow back once the server's spare room ran out
+            self._probe_interval = max(1.0 / self.limit, self._probe_interval * (
+                0.999 if self._refused_once else 0.8))  # fmt: skip
             self._probe_next = min(self._probe_next, stamp + self._probe_interval)
             self._probe_ok = True
 

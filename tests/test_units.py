@@ -69,6 +69,28 @@ def test_pacer_recovers_with_time_without_429s_not_with_one_success() -> None:
     assert pacer.rate == pytest.approx(9.9)  # never above the limit (1% under it)
 
 
+async def test_a_long_run_of_accepted_probes_cannot_make_refusals_a_storm() -> None:
+    # against a token bucket with spare room, thousands of accepted probes shrank the probe
+    # interval to ~0; when the room ran out every probe at the per-second pace was refused
+    # until hundreds of refusals had grown it back (516 429s in the quota-bucket benchmark)
+    now = [0.0]
+    pacer = Pacer(rate=100.0, per_hour=10, hour=100.0, clock=lambda: now[0])
+
+    async def take() -> float:
+        now[0] = pacer._earliest(now[0])[0]
+        return await pacer.slot()
+
+    for _ in range(10):  # the hourly model is full
+        await take()
+    for _ in range(500):  # past it, the server accepts every probe
+        pacer.accepted(await take())
+    start, refusals = now[0], 0
+    while now[0] - start < 1.0:  # then refuses them all
+        pacer.refused(await take(), None)
+        refusals += 1
+    assert refusals <= 10
+
+
 async def test_pacer_hour_window_blocks_past_the_hourly_limit() -> None:
     import anyio
 
