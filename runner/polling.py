@@ -14,10 +14,14 @@ the last job then takes at least a low quantile of the latency) and the running 
 time past which ``alive`` of them are still expected to run, from the learned survival function
 conditioned on each one's age; with ``alive=3`` the run ends later than it with about 95%
 probability). Latency is learned online in a log-bucketed histogram from censored observations
-(an operation found done at age ``a`` after a miss at ``b`` finished in ``(b, a]``; it is recorded
-at the interval's geometric middle). Before enough operations have finished, a prior stands in
-(the docs say completions take minutes): a first poll at ``prior`` seconds, then back-off by
-``prior_growth``, so a result waits at most that share of its own latency beyond the first poll.
+(an operation found done at age ``a`` after a miss at ``b`` finished in ``(b, a]``), with the
+operations still running as right-censored ones; past every latency seen to finish, a heavy
+tail stands for the share known to run longer. Before enough operations have finished, a prior
+stands in (the docs say completions take minutes): the scouts (a run's first operations and a
+few after) are polled at ``prior`` seconds, then back off by ``prior_growth``; the others wait
+for what the scouts find (``unlearned`` priors at least). Early in a run the estimate cannot
+have seen latencies longer than the run so far, so first polls not yet made are planned again
+whenever the estimate moves (``replan``): most first polls then find their operation done.
 Everything here is clock-free: callers pass ages and times, in seconds.
 """
 
