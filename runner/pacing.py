@@ -42,9 +42,10 @@ class Pacer:
     ) -> None:
         self.limit = rate
         self.per_hour = per_hour
-        # 1% longer than the server's hour: our stamps are taken before the request travels,
-        # the server's after, so an exact window would free a slot a little early
-        self.hour = hour * 1.01
+        # exactly the server's hour: an accepted request's stamp is moved to when its answer
+        # came (``accepted``), which is after the server counted it, so the window never frees
+        # a slot before the server's does (a margin of 1% cost 1% of every quota-bound run)
+        self.hour = hour
         self.ramp = ramp  # seconds without a 429 to climb from nothing back to the limit
         self.floor = min(floor, rate)
         self.clock = clock
@@ -157,7 +158,13 @@ class Pacer:
             return stamp
 
     def accepted(self, stamp: float) -> None:
-        """The request of this slot was accepted; a probe's success shortens the interval."""
+        """The request of this slot was accepted: it counts in the hourly window from now,
+        when the answer came (the server counted it between the slot and now); a probe's
+        success shortens the interval."""
+        i = bisect.bisect_left(self._stamps, stamp)
+        if i < len(self._stamps) and self._stamps[i] == stamp:
+            del self._stamps[i]
+            bisect.insort(self._stamps, max(stamp, self.clock()))
         if stamp in self._probes:
             self._probes.discard(stamp)
             # fast until the first refusal; then slowly, so that refusals stay rare (about one

@@ -91,6 +91,24 @@ async def test_a_long_run_of_accepted_probes_cannot_make_refusals_a_storm() -> N
     assert refusals <= 10
 
 
+async def test_the_hourly_window_counts_a_request_from_when_its_answer_came() -> None:
+    # the window ran 1% longer than the server's hour to cover the request's travel: 1% of
+    # every quota-bound run; the answer's arrival is a stamp that is never early, and exact
+    now = [0.0]
+    pacer = Pacer(rate=1000.0, per_hour=2, hour=100.0, clock=lambda: now[0])
+    first = await pacer.slot()
+    now[0] = 0.5
+    second = await pacer.slot()
+    now[0] = 0.01 + 0.5
+    pacer.accepted(second)  # answered quickly
+    now[0] = 3.0
+    pacer.accepted(first)  # a slow answer: the server may have counted it as late as this
+    room = []
+    for now[0] in (100.5, 100.52, 102.99, 103.01):  # the quick one's hour, the slow one's
+        room.append(pacer.left())
+    assert room == [0, 1, 1, 2]
+
+
 async def test_pacer_hour_window_blocks_past_the_hourly_limit() -> None:
     import anyio
 
