@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
+import random
+
 import pytest
 
 from runner import backoff
@@ -42,6 +45,18 @@ async def test_pacer_spaces_slots_and_halves_on_throttle() -> None:
     assert anyio.current_time() - start >= 0.099
     pacer.throttle(None)
     assert pacer.rate == pytest.approx(99.0 / 2, rel=0.01) and pacer.throttled == 1
+
+
+async def test_slots_granted_a_little_late_never_put_more_than_the_limit_in_a_second() -> None:
+    # keeping the schedule when a grant is late by up to a quarter slot let 11 slots into one
+    # second at 10/s
+    rng, now = random.Random(7), [0.0]
+    pacer = Pacer(rate=10.0, clock=lambda: now[0])
+    stamps = []
+    for _ in range(300):
+        now[0] = pacer._earliest(now[0])[0] + rng.choice([0.0, 0.0, rng.uniform(0, 0.02)])
+        stamps.append(await pacer.slot())
+    assert max(bisect.bisect_right(stamps, t + 1.0) - i for i, t in enumerate(stamps)) <= 10
 
 
 async def test_pacer_after_an_idle_spell_leaves_a_full_gap_before_the_next_slot() -> None:
