@@ -28,6 +28,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.backoff import delay
 from runner.breaker import Breaker
@@ -120,6 +121,8 @@ class Scheduler:
         }
         self._outage_since: dict[str, float] = {}
         self._work_changed = anyio.Event()
+        self._in_hand = 0  # claimed jobs the submitter holds, not sent yet
+        self._batch_sent = anyio.Event()  # set each time the submitter is done with a batch
         self.done = anyio.Event()
         self.started = time.time()
         self.t0 = anyio.current_time()
@@ -216,44 +219,72 @@ class Scheduler:
     # -- submitting -----------------------------------------------------------------------
 
     async def _submitter(self, workers: TaskGroup) -> None:
+        """Sends claimed batches at the pacer's slots while ``_claimer`` claims the next one:
+        a claim is a durable commit (an fsync), and one made between batches held the pace
+        back by its length every batch (300 submits/s where the limit was 360)."""
         sync = self.s.mode == "sync"
         concurrency = self.s.sync_concurrency if sync else (
             self.s.submit_concurrency or max(4, math.ceil(self.s.submit_rps * 0.5)))  # fmt: skip
         limiter = anyio.Semaphore(concurrency)
         breaker = self.breakers["submit"]
-        while True:
-            if self.writer.trouble is not None:
-                await self.writer.recovered.wait()
-            next_at = await self.queue.next_pending_at()
-            if next_at is None or next_at > time.time():
-                await self._wait_for_work(next_at)
-                continue
-            was_open = breaker.is_open
-            await self.gate("submit")
-            # claim what the pacer lets out in the next ~100 ms (one, as a probe): few jobs are
-            # ever "submitting" at once, so a kill leaves few ambiguous submits behind
-            batch = 1 if breaker.is_open else max(1, min(64, int(self.submit_pacer.rate * 0.1)))
-            if sync:
-                batch = min(batch, concurrency)
-            batch = min(batch, max(1, await self.submit_pacer.room()))
-            claims = await self.queue.claim(batch, time.time())
-            if not claims:
-                breaker.probing = False
-                continue
-            unsent = list(claims)
-            try:
-                while unsent and (not breaker.is_open or was_open):
-                    await limiter.acquire()
-                    try:
-                        stamp = await self.submit_pacer.slot()
-                    except BaseException:
-                        limiter.release()
-                        raise
-                    workers.start_soon(self._send_one, unsent.pop(0), stamp, limiter)
-            finally:
-                if unsent:  # stopped with claims that never left: not ambiguous
+        send, receive = anyio.create_memory_object_stream[tuple[list[Claim], bool]](0)
+        async with anyio.create_task_group() as claiming, receive:
+            claiming.start_soon(self._claimer, send, concurrency if sync else 64)
+            async for claims, was_open in receive:
+                unsent = list(claims)
+                self._in_hand = len(unsent)
+                try:
+                    while unsent and (not breaker.is_open or was_open):
+                        await limiter.acquire()
+                        try:
+                            stamp = await self.submit_pacer.slot()
+                        except BaseException:
+                            limiter.release()
+                            raise
+                        workers.start_soon(self._send_one, unsent.pop(0), stamp, limiter)
+                        self._in_hand = len(unsent)
+                finally:
+                    if unsent:  # stopped with claims that never left: not ambiguous
+                        with anyio.CancelScope(shield=True):
+                            await self.queue.unclaim(unsent)
+                    self._in_hand = 0
+                    self._batch_sent.set()
+                    self._batch_sent = anyio.Event()
+
+    async def _claimer(
+        self, send: MemoryObjectSendStream[tuple[list[Claim], bool]], most: int
+    ) -> None:
+        """Claims what the pacer lets out in the next ~100 ms (one, as a probe) and no more
+        than the hourly window has room for beside what the submitter holds: few jobs are
+        ever "submitting" at once, so a kill leaves few ambiguous submits behind."""
+        breaker = self.breakers["submit"]
+        async with send:
+            while True:
+                if self.writer.trouble is not None:
+                    await self.writer.recovered.wait()
+                next_at = await self.queue.next_pending_at()
+                if next_at is None or next_at > time.time():
+                    await self._wait_for_work(next_at)
+                    continue
+                was_open = breaker.is_open
+                await self.gate("submit")
+                pace = int(self.submit_pacer.rate * 0.1)
+                batch = 1 if breaker.is_open else max(1, min(most, pace))
+                sent, room = self._batch_sent, await self.submit_pacer.room()
+                if 0 < self._in_hand >= room:  # what is in hand takes what room there is
+                    await sent.wait()
+                    continue
+                claims = await self.queue.claim(min(batch, max(1, room - self._in_hand)),
+                                                time.time())  # fmt: skip
+                if not claims:
+                    breaker.probing = False
+                    continue
+                try:
+                    await send.send((claims, was_open))
+                except BaseException:  # stopped before they were handed over: never sent
                     with anyio.CancelScope(shield=True):
-                        await self.queue.unclaim(unsent)
+                        await self.queue.unclaim(claims)
+                    raise
 
     async def _wait_for_work(self, next_at: float | None) -> None:
         wait = 1.0 if next_at is None else min(1.0, max(0.0, next_at - time.time()))

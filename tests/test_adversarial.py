@@ -272,7 +272,8 @@ def test_on_a_really_full_disk_the_reserved_rescue_keeps_every_operation_id(tmp_
             stats = emulator_stats(url)
             ambiguous = json.loads(run(["status", "--json"], disk).stdout)["ambiguousSubmits"]
         # a claim the full disk kept from being released is counted ambiguous though never sent
-        assert 300 <= stats["submits"] <= 300 + ambiguous and ambiguous <= 5
+        # (the submitter holds one batch of ~100 ms while the next is claimed: at 100/s, 20)
+        assert 300 <= stats["submits"] <= 300 + ambiguous and ambiguous <= 25
         assert len(read_out(disk / "out.jsonl")) == 300
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)

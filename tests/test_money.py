@@ -217,6 +217,8 @@ def test_a_full_disk_stops_the_run_cleanly_and_the_rerun_pays_for_nothing_twice(
     lines = read_out(out)
     assert sorted(x["id"] for x in lines) == sorted(f"j{i}" for i in range(300))
     status = json.loads(run(["status", "--json"], tmp_path).stdout)
-    # every operation id was either committed or rescued: nothing was paid for twice
-    assert stats["submits"] == 300 + status["ambiguousSubmits"]
-    assert status["ambiguousSubmits"] <= 10
+    # every operation id was either committed or rescued: nothing was paid for twice, but
+    # for submits runner reports as ambiguous (a claim the full disk kept from being handed
+    # back counts too, though it never left: the report may say more than was sent twice)
+    assert 300 <= stats["submits"] <= 300 + status["ambiguousSubmits"]
+    assert status["ambiguousSubmits"] <= 25  # in flight, in hand and the next ~100 ms claimed
