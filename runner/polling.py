@@ -271,9 +271,11 @@ class PollPolicy:
             if scout:
                 return self.prior
             # only the scouts learn; the others wait for what they find (``replan``), unless
-            # that takes long: a few priors, and past twice the oldest age seen running
+            # that takes long: a few priors, and past twice the oldest age seen running, but
+            # no more than four times that many priors (a scout may never finish)
             oldest = _middle(max(self.sketch.censored)) if self.sketch.censored else 0.0
-            return max(self.unlearned * self.prior, 2 * oldest)
+            few = self.unlearned * self.prior
+            return min(max(few, 2 * oldest), 4 * few)
         q = self.sketch.quantile
         if scout:
             return max(self.min_wait, min(self.prior, q(0.1)))

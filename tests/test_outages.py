@@ -20,6 +20,7 @@ from tests.conftest import db_rows, read_out, write_jobs
 from tests.killloop import db_states
 from tests.procs import (
     child_env,
+    emulator_detail,
     emulator_post,
     emulator_process,
     emulator_stats,
@@ -285,3 +286,25 @@ async def test_callers_waiting_on_a_failing_token_command_share_its_one_retry_wi
         for _ in range(8):
             tg.start_soon(call)
     assert len(errors) == 8 and time.monotonic() - started < 2.5
+
+
+def test_a_scout_that_never_finishes_holds_no_other_result(tmp_path: Path) -> None:
+    # issue 11 review: before anything was learned, first polls were planned again each second
+    # from the oldest operation seen running; one stuck scout put off every other first poll
+    # for as long as it ran (--op-deadline, a day): 60 jobs, 19 results, for good
+    make_jobs(tmp_path / "jobs.jsonl", 60)
+    with emulator_process("--latency", "0.05:0.2", "--never-finish-rate", "0.3", "--seed", "3") as url:
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "-o", "out.jsonl", "--submit-rps", "100"),
+                                cwd=tmp_path, env=child_env(url, RUNNER_LATENCY_PRIOR="1"),
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline, done = time.monotonic() + 30, 0
+            while time.monotonic() < deadline and done < 30:
+                time.sleep(0.5)
+                done = len(read_out(tmp_path / "out.jsonl")) if (tmp_path / "out.jsonl").exists() else 0
+            seen = sum(1 for op in emulator_detail(url)["ops"] if op["seen_done_at"] is not None)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0  # still running: some operations never finish
+    assert done >= 30 and seen >= 30  # the scouts alone are 20

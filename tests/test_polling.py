@@ -92,6 +92,9 @@ def test_before_anything_is_learned_the_others_wait_for_the_scouts() -> None:
     assert policy.first_wait(slack=0.0, horizon=math.inf, elapsed=0.0) == 60.0
     policy.horizon(0.0, [(100.0, 100.0)] * 5)  # five seen running at 100 s: twice that
     assert policy.first_wait(slack=0.0, horizon=math.inf, elapsed=100.0) > 180.0
+    # but a scout may never finish: however long it runs, no more than 16 priors
+    policy.horizon(0.0, [(10_000.0, 10_000.0)])
+    assert policy.first_wait(slack=0.0, horizon=math.inf, elapsed=10_000.0) == 240.0
 
 
 def test_first_polls_are_planned_again_when_the_estimate_moves() -> None:
