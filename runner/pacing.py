@@ -165,9 +165,7 @@ class Pacer:
         """The request of this slot was accepted: it counts in the hourly window from now,
         when the answer came (the server counted it between the slot and now); a probe's
         success shortens the interval."""
-        i = bisect.bisect_left(self._stamps, stamp)
-        if i < len(self._stamps) and self._stamps[i] == stamp:
-            del self._stamps[i]
+        if self._take(stamp):
             bisect.insort(self._stamps, max(stamp, self.clock()))
         if stamp in self._probes:
             self._probes.discard(stamp)
@@ -200,9 +198,15 @@ class Pacer:
 
     def refund(self, stamp: float) -> None:
         """The request never counted (429, 5xx, not connected): free its hourly slot."""
+        self._take(stamp)
+
+    def _take(self, stamp: float) -> bool:
+        """Remove this slot's stamp from the window; whether it was there."""
         i = bisect.bisect_left(self._stamps, stamp)
         if i < len(self._stamps) and self._stamps[i] == stamp:
             del self._stamps[i]
+            return True
+        return False
 
     def throttle(self, retry_after: float | None) -> None:
         """A 429: halve the pace and, if the server said how long, pause everyone that long."""
