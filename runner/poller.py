@@ -220,7 +220,7 @@ class Poller:
             breaker.answered()  # the service is reachable: no outage
         if e.kind == "rate":
             self.sch.stats.throttled += 1
-            self.sch.poll_pacer.throttle(e.retry_after)
+            self.sch.poll_pacer.throttle(e.retry_after, sent)
         elif e.kind == "malformed":
             op.faults += 1
             if op.faults >= self.s.max_faults:

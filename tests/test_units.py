@@ -35,7 +35,7 @@ def test_delay_is_capped_jittered_and_honours_retry_after() -> None:
     assert backoff.delay(9, retry_after=30.0) == 0.0  # the testing switch zeroes waits
 
 
-async def test_pacer_spaces_slots_and_halves_on_throttle() -> None:
+async def test_pacer_spaces_slots() -> None:
     import anyio
 
     pacer = Pacer(rate=100.0)
@@ -43,8 +43,39 @@ async def test_pacer_spaces_slots_and_halves_on_throttle() -> None:
     for _ in range(11):
         await pacer.slot()
     assert anyio.current_time() - start >= 0.099
+
+
+def test_a_429_cuts_the_pace_once_a_second_by_a_tenth_after_calm_else_by_half() -> None:
+    # a lone 429 halved the pace (5,000 submits at 360/s: 1.2 s lost), and the few refusals
+    # right after it, from the same full second on the server, halved it again each (356/s
+    # to 60/s on three refusals in 15 ms)
+    now = [100.0]
+    pacer = Pacer(rate=100.0, ramp=10.0, clock=lambda: now[0])
     pacer.throttle(None)
-    assert pacer.rate == pytest.approx(99.0 / 2, rel=0.01) and pacer.throttled == 1
+    assert pacer.rate == pytest.approx(99.0 * 0.9) and pacer.throttled == 1
+    assert pacer._earliest(now[0])[0] == pytest.approx(now[0] + 0.05)  # everyone pauses
+    now[0] += 0.01
+    pacer.throttle(None, sent=now[0] - 0.02)  # sent before the cut: counted, no second cut
+    assert pacer.rate == pytest.approx(99.0 * 0.9 + 0.1) and pacer.throttled == 2
+    now[0] += 0.5  # refused again at the new pace: the limit is lower than set, halve
+    before = pacer.rate
+    pacer.throttle(None, sent=now[0] - 0.01)
+    assert pacer.rate == pytest.approx(before / 2)
+    now[0] += 20.0  # calm again: the next lone refusal costs a tenth
+    before = pacer.rate
+    pacer.throttle(None)
+    assert pacer.rate == pytest.approx(before * 0.9)
+
+
+async def test_grants_a_few_milliseconds_late_keep_the_schedule_at_a_high_rate() -> None:
+    # at 360/s a busy event loop grants ~0.5-2 ms late; restarting the schedule past a
+    # quarter slot (0.7 ms) on each kept ~320/s
+    now = [0.0]
+    pacer = Pacer(rate=360.0, clock=lambda: now[0])
+    for _ in range(1000):
+        now[0] = pacer._earliest(now[0])[0] + 0.002
+        await pacer.slot()
+    assert now[0] < 1000 / (0.99 * 360) + 0.01
 
 
 async def test_slots_granted_a_little_late_never_put_more_than_the_limit_in_a_second() -> None:
