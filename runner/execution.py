@@ -27,7 +27,7 @@ from runner.database import storage_error
 from runner.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, Interrupted
 from runner.jobs import Result
 from runner.progress import snapshot
-from runner.queue import Queue
+from runner.queue import TOP_SEQ, Queue
 from runner.scheduler import Scheduler
 from runner.writer import Writer, apply_rescue, release, reserve
 
@@ -166,7 +166,7 @@ class Run:
 
     async def _main(self) -> None:
         db = await self.batch._open()
-        self._seq = int(await db.value("SELECT COALESCE(MAX(finish_seq), 0) FROM jobs") or 0)
+        self._seq = int(await db.value(TOP_SEQ) or 0)
         try:
             # looked up at each call: the iterator replaces the event after every wake-up
             self.report = await self.batch._execute(self.out, lambda: self._changed.set())

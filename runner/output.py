@@ -58,19 +58,22 @@ def result_line(row: Any) -> dict[str, Any]:
     return line
 
 
+def since_query(states: tuple[str, ...], request: bool = False) -> str:
+    """Finished jobs after a finishing number, in that order. ``+state``: the state index would
+    fetch every finished job and sort them all for each page (2 ms at 6,000 jobs, per flush);
+    the finish_seq index reads just the page."""
+    extra = ", COALESCE(origin, body) AS request" if request else ""
+    return (f"SELECT {COLUMNS}{extra} FROM jobs WHERE finish_seq > ? AND "
+            f"+state IN ({','.join('?' * len(states))}) ORDER BY finish_seq LIMIT ?")  # fmt: skip
+
+
 async def lines_since(
     db: Database, seq: int, states: tuple[str, ...] = ("done", "failed", "cancelled"),
     request: bool = False, limit: int = 2000,
 ) -> AsyncIterator[tuple[int, dict[str, Any]]]:  # fmt: skip
     """(finish_seq, line) of every finished job after ``seq``, in finishing order."""
-    marks = ",".join("?" * len(states))
-    extra = ", COALESCE(origin, body) AS request" if request else ""
     while True:
-        rows = await db.rows(
-            f"SELECT {COLUMNS}{extra} FROM jobs WHERE finish_seq > ? AND state IN ({marks}) "
-            "ORDER BY finish_seq LIMIT ?",
-            seq, *states, limit,
-        )  # fmt: skip
+        rows = await db.rows(since_query(states, request), seq, *states, limit)
         for row in rows:
             line = result_line(row)
             if request:
