@@ -82,7 +82,7 @@ def simulate(r: Regime, policy: PollPolicy, margin: float = 0.25) -> tuple[dict[
             else:
                 miss[k] = age
                 wait = policy.next_wait(age, horizon=horizon, elapsed=t, scout=policy.scout(k),
-                                        draining=t >= last)  # fmt: skip
+                                        draining=t >= last, running=len(running))  # fmt: skip
                 heapq.heappush(heap, (t + wait, 0, k))
     lags = [seen[k] - (sent[k] + lat[k]) for k in range(r.jobs)]
     return {

@@ -168,7 +168,7 @@ class Poller:
             op.last_miss = age
             self.schedule(op, self.policy.next_wait(
                 age, horizon=self._horizon(), elapsed=self._elapsed(), scout=op.scout,
-                draining=self.sch.slack() <= 0,
+                draining=self.sch.slack() <= 0, running=len(self.heap) + self.inflight,
             ))  # fmt: skip
             return
         log.debug("operation %s finished after %.1f s (poll %d)", op.operation_id, age, op.polls)

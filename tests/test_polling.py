@@ -129,6 +129,25 @@ def test_scouts_grow_rarer_once_the_estimate_has_plenty() -> None:
     assert early == 20 + 49 and late == 5
 
 
+def test_the_last_few_operations_are_polled_at_the_sdks_cadence_or_a_small_share_of_age() -> None:
+    # a batch of five, every one a scout backing off by 18% of its age: the last result was
+    # seen up to 36 s late at 200 s, where the SDK's every-10-s polling sees it within 10 s
+    policy = PollPolicy(prior=15.0)
+    usual = policy.next_wait(200.0, horizon=math.inf, elapsed=210.0, scout=True, draining=True,
+                             running=3)  # fmt: skip
+    assert usual == pytest.approx(200.0 * 0.18)
+
+    def last(age: float) -> float:  # one of the last two
+        return policy.next_wait(age, horizon=math.inf, elapsed=age + 10, scout=True,
+                                draining=True, running=2)  # fmt: skip
+
+    assert last(200.0) == pytest.approx(10.0)
+    assert last(7200.0) == pytest.approx(144.0)  # hours old: 2% of its age, not every 10 s
+    # while there is still work to submit, the last few are not the run's end
+    assert policy.next_wait(200.0, horizon=math.inf, elapsed=210.0, scout=True,
+                            running=2) == pytest.approx(usual)  # fmt: skip
+
+
 def test_from_the_horizon_on_no_wait_exceeds_the_tail_share_of_the_run() -> None:
     policy = PollPolicy(tail_share=0.005)
     for x in lognormal(500, median=4.0, sigma=0.8):
