@@ -3,7 +3,8 @@
 A ``Pacer`` hands out slots one at a time under a lock, so waiters leave one slot apart and a
 pause never ends in a thundering herd. Two limits hold at once: a per-second rate, cut on a
 429 (by 10% after a calm spell, else halved) and recovering linearly with the time that passes
-without one (never by a single lucky success), with ``Retry-After`` pausing everyone; and, for submits, an hourly window of at most
+without one (never by a single lucky success), with everyone paused after a cut (as long as
+``Retry-After`` says, else twice as long for each refusal in a row, up to a minute); and, for submits, an hourly window of at most
 ``per_hour`` slots in any ``hour`` seconds (a rolling window: the safest of the shapes a server
 may use, since the contract does not say).
 
@@ -50,7 +51,8 @@ class Pacer:
         self.floor = min(floor, rate)
         self.clock = clock
         self._base = rate  # the rate right after the last 429
-        self._since = -math.inf  # when that was
+        self._since = -math.inf  # when that was (when its pause ended)
+        self._in_row = 0  # cuts with no request answered since
         self._next = 0.0
         self._paused_until = 0.0
         self._stamps: list[float] = []  # sorted slot times still inside the window
@@ -70,7 +72,10 @@ class Pacer:
         return self.rate_at(self.clock())
 
     def rate_at(self, now: float) -> float:
-        climbed = self._base + self.limit * (now - self._since) / self.ramp
+        # the climb starts when the pause after the last cut ends: a pace that climbed back
+        # during it drew the next 429 at once, and a server refusing everything was sent a
+        # request every 0.2 s for as long as it lasted
+        climbed = self._base + self.limit * max(0.0, now - self._since) / self.ramp
         # 1% under the limit: jitter never puts one request too many in a second
         return max(self.floor, min(self.limit * 0.99, climbed))
 
@@ -164,10 +169,15 @@ class Pacer:
                 self._probe_next = stamp + self._probe_interval
             return stamp
 
+    def answered(self) -> None:
+        """A request was answered without a 429: refusals are no longer in a row."""
+        self._in_row = 0
+
     def accepted(self, stamp: float) -> None:
         """The request of this slot was accepted: it counts in the hourly window from now,
         when the answer came (the server counted it between the slot and now); a probe's
         success shortens the interval."""
+        self._in_row = 0
         if self._take(stamp):
             bisect.insort(self._stamps, max(stamp, self.clock()))
         if stamp in self._probes:
@@ -228,6 +238,13 @@ class Pacer:
         if sent is None or sent >= self._since:
             cut = 0.9 if now - self._since > self.ramp else 0.5
             self._base = max(self.floor, self.rate_at(now) * cut)
-            self._since = now
-        pause = retry_after if retry_after is not None else max(1.0 / self._base, 0.05)
-        self._paused_until = max(self._paused_until, now + min(pause, 3600.0))
+            # refusals with nothing answered between them (a quota used up elsewhere): each
+            # pause twice the last, up to a minute, or the pace's climb during the round trip
+            # drew a refusal every 0.6 s for as long as it lasted
+            pause = max(1.0 / self._base, 0.05) * 2.0 ** min(self._in_row, 12)
+            self._in_row += 1
+            pause = min(pause, 60.0) if retry_after is None else retry_after
+            self._paused_until = max(self._paused_until, now + min(pause, 3600.0))
+            self._since = self._paused_until
+        elif retry_after is not None:
+            self._paused_until = max(self._paused_until, now + min(retry_after, 3600.0))

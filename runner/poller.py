@@ -154,6 +154,7 @@ class Poller:
             self.sch.noted("poll", was_open)
             return
         breaker.success(sent, op.attempt.rowid)
+        self.sch.poll_pacer.answered()
         self.sch.noted("poll", was_open)
         op.errors = op.faults = 0  # a budget for answers malformed in a row, not over a life
         now = time.time()

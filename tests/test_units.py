@@ -45,7 +45,7 @@ async def test_pacer_spaces_slots() -> None:
     assert anyio.current_time() - start >= 0.099
 
 
-def test_a_429_cuts_the_pace_once_a_second_by_a_tenth_after_calm_else_by_half() -> None:
+def test_a_429_cuts_the_pace_by_a_tenth_after_calm_else_by_half() -> None:
     # a lone 429 halved the pace (5,000 submits at 360/s: 1.2 s lost), and the few refusals
     # right after it, from the same full second on the server, halved it again each (356/s
     # to 60/s on three refusals in 15 ms)
@@ -56,11 +56,14 @@ def test_a_429_cuts_the_pace_once_a_second_by_a_tenth_after_calm_else_by_half() 
     assert pacer._earliest(now[0])[0] == pytest.approx(now[0] + 0.05)  # everyone pauses
     now[0] += 0.01
     pacer.throttle(None, sent=now[0] - 0.02)  # sent before the cut: counted, no second cut
-    assert pacer.rate == pytest.approx(99.0 * 0.9 + 0.1) and pacer.throttled == 2
-    now[0] += 0.5  # refused again at the new pace: the limit is lower than set, halve
+    assert pacer.rate == pytest.approx(99.0 * 0.9) and pacer.throttled == 2
+    now[0] += 0.04 + 0.5  # the climb starts when the pause ends
+    assert pacer.rate == pytest.approx(99.0 * 0.9 + 5.0)
+    pacer.answered()
     before = pacer.rate
-    pacer.throttle(None, sent=now[0] - 0.01)
+    pacer.throttle(None, sent=now[0] - 0.01)  # refused at the new pace: halve
     assert pacer.rate == pytest.approx(before / 2)
+    assert pacer._earliest(now[0])[0] == pytest.approx(now[0] + 0.05)  # answered since: 50 ms
     now[0] += 20.0  # calm again: the next lone refusal costs a tenth
     before = pacer.rate
     pacer.throttle(None)
@@ -107,6 +110,8 @@ def test_pacer_recovers_with_time_without_429s_not_with_one_success() -> None:
     for _ in range(10):  # ten 429s in a row: down to the floor
         pacer.throttle(None)
     assert pacer.rate == pytest.approx(0.05)
+    now[0] = pacer._earliest(now[0])[0]  # the pause, doubled on each, is a minute by now
+    assert now[0] == pytest.approx(60.0)
     now[0] += 1.0  # one quiet second regains a tenth of the limit, not all of it
     assert pacer.rate == pytest.approx(0.05 + 1.0)
     now[0] += 5.0
@@ -287,3 +292,19 @@ def test_the_per_flush_queries_read_an_index_not_every_job() -> None:
         plan = " | ".join(row[3] for row in con.execute(f"EXPLAIN QUERY PLAN {sql}", args))
         assert "USING COVERING INDEX jobs_finished" in plan or "USING INDEX jobs_finished" in plan
         assert "TEMP B-TREE" not in plan, plan
+
+
+async def test_a_server_refusing_everything_draws_few_429s_not_a_steady_stream() -> None:
+    # review: the hourly quota used up by another client, every submit refused. The pace
+    # climbed back during each pause and the round trip, settling near sqrt(limit / ramp):
+    # a refusal every 0.2 s for as long as it lasted (3,149 in 10 minutes at 360/s)
+    now = [0.0]
+    for limit in (360.0, 10.0):
+        now[0] = 0.0
+        pacer = Pacer(rate=limit, clock=lambda: now[0])
+        while now[0] < 600.0:
+            now[0] = pacer._earliest(now[0])[0]
+            stamp = await pacer.slot()
+            now[0] += 0.05  # the round trip
+            pacer.refused(stamp, None)
+        assert pacer.throttled < 60, (limit, pacer.throttled)
