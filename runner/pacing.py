@@ -4,9 +4,9 @@ A ``Pacer`` hands out slots one at a time under a lock, so waiters leave one slo
 pause never ends in a thundering herd. Two limits hold at once: a per-second rate, cut on a
 429 (by 10% after a calm spell, else halved) and recovering linearly with the time that passes
 without one (never by a single lucky success), with everyone paused after a cut (as long as
-``Retry-After`` says, else twice as long for each refusal in a row, up to a minute); and, for submits, an hourly window of at most
-``per_hour`` slots in any ``hour`` seconds (a rolling window: the safest of the shapes a server
-may use, since the contract does not say).
+``Retry-After`` says, else twice as long for each refusal in a row, up to a minute); and, for
+submits, an hourly window of at most ``per_hour`` slots in any ``hour`` seconds (a rolling
+window: the safest of the shapes a server may use, since the contract does not say).
 
 The window is rebuilt from the ledger when a run starts (``seed``), so a restart inside the hour
 does not send into a full quota, and only requests the server may have accepted stay in it: a
