@@ -151,7 +151,12 @@ class Database:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
-            await self.con.execute("BEGIN IMMEDIATE")
+            # shielded: cancelled while it waits in aiosqlite's thread, the BEGIN still happens
+            # there, and a transaction nothing rolls back fails every later one ("cannot start
+            # a transaction within a transaction"); a cancellation now lands inside, and rolls
+            # back (waits at most the busy timeout)
+            with anyio.CancelScope(shield=True):
+                await self.con.execute("BEGIN IMMEDIATE")
             try:
                 yield self.con
             except BaseException:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from runner.database import Database
@@ -168,3 +169,25 @@ async def test_a_stale_unclaim_or_charge_changes_no_state(queue: Queue, tmp_path
     await queue.apply([Charged(p2.attempt, 5.0, ApiFailure(14, "his own"), max_faults=1)])
     assert db_rows(db, "SELECT state, faults FROM jobs WHERE id='p'") == [("submitting", 1)]
     assert p3.attempt.fence > p2.attempt.fence
+
+
+async def test_a_transaction_cancelled_while_it_begins_leaves_none_open(tmp_path: Path) -> None:
+    # CI, SIGTERM under load: the claimer was cancelled while its BEGIN ran in aiosqlite's
+    # thread; the BEGIN happened, nothing rolled it back, and every later transaction failed
+    # with "cannot start a transaction within a transaction" (the unclaim of jobs never sent
+    # too, leaving them to be counted as ambiguous submits)
+    import sqlite3
+    import threading
+
+    path = str(tmp_path / "t.db")
+    async with Database.open(path) as db:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock: our BEGIN waits in the thread
+        threading.Timer(0.5, other.execute, ("COMMIT",)).start()
+        with anyio.move_on_after(0.1):  # the signal arrives while the BEGIN waits
+            async with db.transaction() as con:
+                await con.execute("UPDATE totals SET stale = stale + 1")
+        async with db.transaction() as con:  # the next one must be able to begin
+            await con.execute("UPDATE totals SET stale = stale + 10")
+        assert await db.value("SELECT stale FROM totals") == 10
+        other.close()
