@@ -170,7 +170,9 @@ class Pacer:
             return stamp
 
     def answered(self) -> None:
-        """A request was answered without a 429: refusals are no longer in a row."""
+        """A request succeeded: refusals are no longer in a row. (Other answers, a 5xx or a
+        400, leave the count alone: at worst a refusal after them waits the doubled pause,
+        capped at a minute.)"""
         self._in_row = 0
 
     def accepted(self, stamp: float) -> None:
