@@ -179,7 +179,7 @@ class Pacer:
         """The request of this slot was accepted: it counts in the hourly window from now,
         when the answer came (the server counted it between the slot and now); a probe's
         success shortens the interval."""
-        self._in_row = 0
+        self.answered()
         if self._take(stamp):
             bisect.insort(self._stamps, max(stamp, self.clock()))
         if stamp in self._probes:
@@ -237,16 +237,19 @@ class Pacer:
         """
         self.throttled += 1
         now = self.clock()
-        if sent is None or sent >= self._since:
-            cut = 0.9 if now - self._since > self.ramp else 0.5
-            self._base = max(self.floor, self.rate_at(now) * cut)
-            # refusals with nothing answered between them (a quota used up elsewhere): each
-            # pause twice the last, up to a minute, or the pace's climb during the round trip
-            # drew a refusal every 0.6 s for as long as it lasted
-            pause = max(1.0 / self._base, 0.05) * 2.0 ** min(self._in_row, 12)
-            self._in_row += 1
-            pause = min(pause, 60.0) if retry_after is None else retry_after
-            self._paused_until = max(self._paused_until, now + min(pause, 3600.0))
-            self._since = self._paused_until
-        elif retry_after is not None:
-            self._paused_until = max(self._paused_until, now + min(retry_after, 3600.0))
+        if sent is not None and sent < self._since:  # sent at the old pace: no cut
+            if retry_after is not None:
+                self._pause_until(now + retry_after)
+            return
+        cut = 0.9 if now - self._since > self.ramp else 0.5
+        self._base = max(self.floor, self.rate_at(now) * cut)
+        # refusals with nothing answered between them (a quota used up elsewhere): each pause
+        # twice the last, up to a minute, or the pace's climb during the round trip drew a
+        # refusal every 0.6 s for as long as it lasted
+        backoff = min(60.0, max(1.0 / self._base, 0.05) * 2.0 ** min(self._in_row, 12))
+        self._in_row += 1
+        self._pause_until(now + (backoff if retry_after is None else retry_after))
+        self._since = self._paused_until
+
+    def _pause_until(self, until: float) -> None:
+        self._paused_until = max(self._paused_until, min(until, self.clock() + 3600.0))
