@@ -172,13 +172,14 @@ class Database:
                             await self.con.execute("ROLLBACK")
                         raise
 
+    # one trip to aiosqlite's thread per query (execute then fetch would be two): the writer
+    # reads a few times per commit, and each trip costs about as much CPU as a small query
     async def rows(self, sql: str, *args: Any) -> list[aiosqlite.Row]:
-        cur = await self.con.execute(sql, args)
-        return list(await cur.fetchall())
+        return list(await self.con.execute_fetchall(sql, args))
 
     async def row(self, sql: str, *args: Any) -> aiosqlite.Row | None:
-        cur = await self.con.execute(sql, args)
-        return await cur.fetchone()
+        found = await self.rows(sql, *args)
+        return found[0] if found else None
 
     async def value(self, sql: str, *args: Any) -> Any:
         found = await self.row(sql, *args)

@@ -74,9 +74,10 @@ async def execute(batch: Batch, out_path: str | None, notify: Callable[[], None]
     if outstanding:
         creds = batch.credentials()
         async with connect.connect(creds, batch.endpoints, db.path, batch.request_timeout) as client:
-            writer = Writer(queue, out, budget=batch.settings.context_budget,
-                            on_applied=lambda _: None, batch_window=batch.settings.batch_window,
-                            patience=batch.settings.storage_patience)  # fmt: skip
+            s = batch.settings
+            writer = Writer(queue, out, budget=s.context_budget, on_applied=lambda _: None,
+                            batch_window=s.batch_window, hold=s.hold_window,
+                            patience=s.storage_patience)  # fmt: skip
             sch = Scheduler(queue, client, writer, batch.settings, creds.folder_id, outstanding)
             sch.listener = notify
             interrupted = await drive(batch, sch, writer, counts)

@@ -153,6 +153,9 @@ class OutputFile:
         self.path = path
         self.key = os.path.realpath(path)
         self.jobs_path = jobs_path
+        # (last_seq, size, tail) as committed: only this run writes the record while it holds
+        # the run lock, so it is kept here instead of read back before every append
+        self._record: tuple[int, int, str] | None = None
 
     async def verify(self) -> tuple[int, int, str]:
         """Whether runner may write this file: (last_seq, size, tail) to continue from, or
@@ -245,6 +248,7 @@ class OutputFile:
                 "size = excluded.size, tail = excluded.tail, kind = 'run'",
                 (self.key, last_seq, recorded, tail),
             )
+        self._record = (last_seq, recorded, tail)
 
     def _truncate(self, size: int) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -271,10 +275,9 @@ class OutputFile:
         Written in chunks (a rebuild of a million lines never sits in memory), fsynced, and
         recorded in one commit at the end: a crash before it leaves a tail the next start cuts.
         """
-        row = await self.db.row("SELECT last_seq, size, tail FROM outputs WHERE path = ?", self.key)
-        if row is None:
+        if self._record is None:
             raise StorageError(f"{self.path}: output not opened")
-        top, size, fingerprint = int(row[0]), int(row[1]), str(row[2])
+        top, size, fingerprint = self._record
         written, buf = 0, []
         try:
             async for seq, line in lines_since(self.db, top):
@@ -295,6 +298,7 @@ class OutputFile:
                         "UPDATE outputs SET last_seq = ?, size = ?, tail = ? WHERE path = ?",
                         (top, size, fingerprint, self.key),
                     )
+            self._record = (top, size, fingerprint)
         return written
 
     async def _flush(self, buf: list[str], size: int, fingerprint: str) -> tuple[int, str]:

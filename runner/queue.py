@@ -158,7 +158,7 @@ class Queue:
 
     async def claim(self, limit: int, now: float) -> list[Claim]:
         async with self.db.transaction() as con:
-            cur = await con.execute(
+            rows = await con.execute_fetchall(
                 "UPDATE jobs SET state = 'submitting', attempts = attempts + 1, fence = fence + 1, "
                 "idem_key = COALESCE(idem_key, uuid4()), submitted_at = ?, operation_id = NULL "
                 "WHERE rowid IN (SELECT rowid FROM jobs WHERE state = 'pending' AND next_at <= ? "
@@ -167,7 +167,6 @@ class Queue:
                 "resubmits - resubmits_base",
                 (now, now, limit),
             )
-            rows = await cur.fetchall()
         claims = [Claim(Attempt(r[0], r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
         return sorted(claims, key=lambda c: c.attempt.rowid)
 
@@ -270,7 +269,8 @@ class Queue:
         if not outcomes:
             return Applied()
         async with self.db.transaction() as con:
-            batch = _Batch(await self._rows(outcomes), await self._top_seq(), time.time(), budget)
+            rows, top = await self._rows(outcomes)
+            batch = _Batch(rows, top, time.time(), budget)
             for outcome in outcomes:
                 if not self._one(batch, outcome):
                     batch.applied.stale += 1
@@ -283,27 +283,28 @@ class Queue:
                 )
         return batch.applied
 
-    async def _top_seq(self) -> int:
-        return int(await self.db.value(TOP_SEQ) or 0)
-
-    async def _rows(self, outcomes: list[Outcome]) -> dict[int, _Row]:
+    async def _rows(self, outcomes: list[Outcome]) -> tuple[dict[int, _Row], int]:
+        """The rows the outcomes name, and the last finishing number (read with them: one
+        query; with no row found nothing can finish, so the number is not needed)."""
         ids = sorted({o.attempt.rowid for o in outcomes})
         rows: dict[int, _Row] = {}
+        top = 0
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             for r in await self.db.rows(
                 "SELECT rowid, fence, state, operation_id, turn, submitted_at, "
                 "faults - faults_base, turns, CASE WHEN turns IS NULL THEN NULL ELSE body END, "
-                f"transcript FROM jobs WHERE rowid IN ({','.join('?' * len(part))})",
+                f"transcript, ({TOP_SEQ}) FROM jobs WHERE rowid IN ({','.join('?' * len(part))})",
                 *part,
             ):
+                top = int(r[10])
                 conversation = None
                 if r[7] is not None:
                     conversation = chat.Chat(
                         json.loads(r[7]), r[4], json.loads(r[8]), json.loads(r[9] or "[]")
                     )
                 rows[r[0]] = _Row(r[1], r[2], r[3], r[4], r[5], r[6], conversation)
-        return rows
+        return rows, top
 
     def _one(self, b: _Batch, o: Outcome) -> bool:
         """Stage one outcome's writes; False if it is stale (its attempt is not current)."""

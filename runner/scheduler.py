@@ -77,7 +77,8 @@ class Settings:
     probe_max: float = 120.0
     context_budget: int = 32768  # tokens a chat's next turn may need (history + answer)
     storage_patience: float = 60.0  # seconds of failing commits before the run stops
-    batch_window: float = 0.02
+    batch_window: float = 0.02  # an operation id (or sync answer) is committed this soon
+    hold_window: float = 0.25  # other outcomes, and output appends, are gathered this long
     policy: PollPolicy = field(default_factory=PollPolicy)
 
 
@@ -130,6 +131,7 @@ class Scheduler:
         self.poller = Poller(self)
         self.listener: Callable[[], None] = lambda: None  # told after every commit
         writer.on_applied = self._applied
+        writer.remaining = lambda: self.outstanding
 
     @property
     def tracked(self) -> int:

@@ -2,10 +2,13 @@
 
 Workers send outcomes through an unbounded memory stream (producers are paced by the quotas, so
 what waits there is at most the quota rate times a writer stall; a bound would turn a slow disk
-into a crash). The writer commits them in batches of up to a thousand, every few tens of
-milliseconds, through ``Queue.apply``, and after each commit appends the newly finished jobs to
-the output file. The writer lives outside the workers' task group so that on Ctrl-C or a fatal
-error it drains and commits everything already sent before the run ends.
+into a crash). The writer commits them in batches of up to a thousand through ``Queue.apply``:
+an operation id (or a sync answer) within 20 ms, since a kill before its commit pays for it
+again; anything else within 250 ms, since losing it costs a poll or a resend, so that in a busy
+run most answers share a commit (a commit is ~1 ms of CPU and an fsync) unless they may be the
+last of the run. Finished jobs are appended to the output file at most every 250 ms while the
+run goes on, and at once at its end. The writer lives outside the workers' task group so that
+on Ctrl-C or a fatal error it drains and commits everything already sent before the run ends.
 
 When a commit fails for a storage reason (disk full, the file locked past SQLite's timeout), the
 writer holds the batch, raises ``trouble`` (the submitter stops claiming) and retries with
@@ -48,6 +51,7 @@ class Writer:
         budget: int,
         on_applied: Callable[[Applied], None],
         batch_window: float = 0.02,
+        hold: float = 0.25,
         patience: float = 60.0,
     ) -> None:
         self.queue = queue
@@ -56,6 +60,13 @@ class Writer:
         self.on_applied = on_applied
         self.on_fatal: Callable[[], None] = lambda: None  # stops the workers
         self.batch_window = batch_window
+        self.hold = hold
+        # jobs still to finish: a batch that may finish them all is committed at once, so the
+        # last answer of a run never waits ``hold``
+        self.remaining: Callable[[], int] = lambda: 1 << 62
+        self._unexported = False  # finished jobs committed but not yet in the output file
+        self._exported_at = -math.inf
+        self._export_due = math.inf
         self.patience = patience
         self.written = 0
         self.trouble: str | None = None  # set while commits are failing
@@ -75,15 +86,27 @@ class Writer:
     async def run(self) -> None:
         receive: MemoryObjectReceiveStream[Outcome] = self._receive
         batch: list[Outcome] = []
+        due = math.inf  # when the batch must be committed
         async with receive:
             try:
                 while True:
-                    batch.append(await receive.receive())
-                    with anyio.move_on_after(self.batch_window):
-                        while len(batch) < 1000:
+                    wait = min(due, self._export_due) - time.monotonic()
+                    if wait > 0:
+                        with anyio.move_on_after(wait):
                             batch.append(await receive.receive())
-                    done, batch = batch, []
-                    await self.flush(done)
+                            due = min(due, self._due(batch[-1]))
+                    while len(batch) < 1000:  # whatever else is already there, no waiting
+                        try:
+                            batch.append(receive.receive_nowait())
+                        except anyio.WouldBlock:
+                            break
+                        due = min(due, self._due(batch[-1]))
+                    if batch and (due <= time.monotonic() or len(batch) >= 1000
+                                  or len(batch) >= self.remaining()):  # fmt: skip
+                        done, batch, due = batch, [], math.inf
+                        await self.flush(done, final=False)
+                    if self._export_due <= time.monotonic():
+                        await self.export()
             except anyio.EndOfStream:
                 await self.flush(batch)
             except anyio.get_cancelled_exc_class():
@@ -99,28 +122,50 @@ class Writer:
         if self.failed is not None:
             raise StorageError(self.message())
 
-    async def flush(self, batch: list[Outcome]) -> None:
-        """Commit a batch and extend the output; after a storage failure, only keep what
-        costs money to lose (the workers are being stopped meanwhile)."""
-        if not batch:
-            return
-        with anyio.CancelScope(shield=True):
-            if self._db_failed:
-                self._rescue(batch)
-                return
-            try:
-                applied = await self._commit(batch)
-            except _GaveUp as e:
-                self._db_failed = True
-                self._rescue(batch)
-                self._fail(f"cannot write {self.queue.db.path}: {e.error}")
-                return
-            if applied.finished and self.output is not None and self.failed is None:
+    def _due(self, outcome: Outcome) -> float:
+        """When an outcome must be committed: an operation id or a sync answer within
+        ``batch_window`` (a kill before the commit pays for it again); anything else may wait
+        ``hold`` for company (a lost one costs a poll or a resend, not a token), so that in a
+        busy run most answers share a commit."""
+        urgent = isinstance(outcome, Submitted) or (
+            isinstance(outcome, Answered) and outcome.attempt.operation_id is None
+        )
+        return time.monotonic() + (self.batch_window if urgent else self.hold)
+
+    async def flush(self, batch: list[Outcome], final: bool = True) -> None:
+        """Commit a batch; after a storage failure, only keep what costs money to lose (the
+        workers are being stopped meanwhile). The output is extended at most every ``hold``
+        seconds while the run goes on, and at once at the end (``final``)."""
+        if batch:
+            with anyio.CancelScope(shield=True):
+                if self._db_failed:
+                    self._rescue(batch)
+                    return
                 try:
-                    self.written += await self.output.export()
-                except StorageError as e:
-                    self._fail(str(e))
-        self.on_applied(applied)
+                    applied = await self._commit(batch)
+                except _GaveUp as e:
+                    self._db_failed = True
+                    self._rescue(batch)
+                    self._fail(f"cannot write {self.queue.db.path}: {e.error}")
+                    return
+            if applied.finished and self.output is not None:
+                self._unexported = True
+                self._export_due = min(self._export_due, self._exported_at + self.hold)
+            self.on_applied(applied)
+        if final or self._export_due <= time.monotonic():
+            await self.export()
+
+    async def export(self) -> None:
+        """Append the jobs finished since the last export to the output file."""
+        self._export_due, self._exported_at = math.inf, time.monotonic()
+        if not self._unexported or self.output is None or self.failed is not None:
+            return
+        self._unexported = False
+        with anyio.CancelScope(shield=True):
+            try:
+                self.written += await self.output.export()
+            except StorageError as e:
+                self._fail(str(e))
 
     def _fail(self, what: str) -> None:
         if self.failed is None:

@@ -1,0 +1,95 @@
+"""The writer's timing: what must be committed at once, and what may wait for company.
+
+An operation id is committed within ``batch_window`` (a kill before that pays for the submit
+again); other outcomes may wait ``hold`` so that in a busy run most answers share one commit,
+except when they may be the last of the run. Real SQLite file, real writer task; the waits
+asserted are seconds apart so load cannot blur them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from runner.database import Database
+from runner.ingest import ingest
+from runner.inputs import read_jobs
+from runner.jobs import Answered, Completion, Submitted
+from runner.output import OutputFile
+from runner.queue import Applied, Queue
+from runner.writer import Writer
+from tests.conftest import db_rows, write_jobs
+
+pytestmark = pytest.mark.anyio
+
+DONE = Completion("fine", "ALTERNATIVE_STATUS_FINAL", {"totalTokens": 2}, "v1")
+
+
+@pytest.fixture
+async def queue(tmp_path: Path) -> AsyncIterator[Queue]:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": f"j{i}", "prompt": "p"} for i in range(3)])
+    async with Database.open(str(tmp_path / "runner.db")) as db:
+        await ingest(db, str(jobs), read_jobs(str(jobs), "yandexgpt-lite"))
+        yield Queue(db)
+
+
+def states(tmp_path: Path) -> dict[str, str]:
+    return dict(db_rows(tmp_path / "runner.db", "SELECT id, state FROM jobs"))
+
+
+async def until(check: Callable[[], bool], seconds: float = 5.0) -> float:
+    """Seconds until ``check`` holds (fails the test past ``seconds``)."""
+    start = anyio.current_time()
+    with anyio.fail_after(seconds):
+        while not check():  # noqa: ASYNC110 - reads the file as another process would
+            await anyio.sleep(0.01)
+    return anyio.current_time() - start
+
+
+async def test_ids_are_committed_at_once_answers_wait_for_company_or_the_end(
+    queue: Queue, tmp_path: Path
+) -> None:
+    out = OutputFile(queue.db, str(tmp_path / "out.jsonl"))
+    await out.open()
+    commits: list[Applied] = []
+    writer = Writer(queue, out, budget=32768, on_applied=commits.append, hold=60.0)
+    writer.remaining = lambda: 3
+    c0, c1, c2 = sorted(await queue.claim(3, 1e12), key=lambda c: c.id)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer.run)
+        writer.emit(Submitted(c0.attempt, "op-0", 1.0))
+        assert await until(lambda: states(tmp_path)["j0"] == "running") < 2.0  # not 60 s
+        writer.emit(Answered(c0.attempt.running("op-0"), 2.0, DONE))
+        await anyio.sleep(1.0)
+        assert states(tmp_path)["j0"] == "running"  # an answer waits (a kill costs a poll)
+        writer.emit(Submitted(c1.attempt, "op-1", 3.0))  # an id's commit takes it along
+        await until(lambda: states(tmp_path)["j0"] == "done")
+        assert states(tmp_path)["j1"] == "running"
+        writer.emit(Submitted(c2.attempt, "op-2", 3.0))
+        await until(lambda: states(tmp_path)["j2"] == "running")
+        # two jobs left: two answers may finish them all, so they are committed at once
+        writer.remaining = lambda: 2
+        writer.emit(Answered(c1.attempt.running("op-1"), 4.0, DONE))
+        writer.emit(Answered(c2.attempt.running("op-2"), 4.0, DONE))
+        assert await until(lambda: set(states(tmp_path).values()) == {"done"}) < 2.0
+        # appends to the output go at most once per hold while the run goes on; all at the end
+        writer.close()
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+    assert writer.written == 3
+    assert sum(a.finished for a in commits) == 3
+
+
+async def test_closing_commits_what_waits(queue: Queue, tmp_path: Path) -> None:
+    writer = Writer(queue, None, budget=32768, on_applied=lambda _: None, hold=60.0)
+    [c0, *_] = sorted(await queue.claim(3, 1e12), key=lambda c: c.id)
+    await queue.apply([Submitted(c0.attempt, "op-0", 1.0)])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer.run)
+        writer.emit(Answered(c0.attempt.running("op-0"), 2.0, DONE))
+        await anyio.sleep(0.5)
+        assert states(tmp_path)["j0"] == "running"
+        writer.close()
+    assert states(tmp_path)["j0"] == "done"
