@@ -103,19 +103,24 @@ class Pacer:
                 at = max(at, rolled)
         return at, False
 
-    def left(self) -> int:
-        """Slots the hourly window has free right now (a large number without a window)."""
+    def left(self, ahead: float = 0.0) -> int:
+        """Slots the hourly window has free ``ahead`` seconds from now (a large number
+        without a window)."""
         if self.per_hour is None:
             return 1 << 30
-        self._prune(self.clock())
-        return max(0, self.per_hour - len(self._stamps))
+        now = self.clock()
+        self._prune(now)
+        gone = bisect.bisect_right(self._stamps, now + ahead - self.hour)
+        return max(0, self.per_hour - len(self._stamps) + gone)
 
     async def room(self) -> int:
         """Wait until a slot could be had, without taking it; returns how many the hourly
-        window has left, or past it the probes of the next 100 ms (so a caller can claim no
-        more work than it can send soon)."""
+        window has free within the next 100 ms, or past it the probes of that time (so a
+        caller can claim no more work than it can send soon). With the window full, slots
+        come back one or two at a time as old ones roll out: counting the next 100 ms lets a
+        caller claim them together rather than in a transaction each."""
         await self._until_free()
-        return max(self.left(), int(0.1 / self._probe_interval) if self._probe_ok else 0)
+        return max(self.left(0.1), int(0.1 / self._probe_interval) if self._probe_ok else 0)
 
     async def _until_free(self) -> tuple[float, bool]:
         # a deadline that a 429 may push later, re-read after each sleep (not a handoff); the

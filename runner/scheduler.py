@@ -260,12 +260,13 @@ class Scheduler:
         than the hourly window has room for beside what the submitter holds: few jobs are
         ever "submitting" at once, so a kill leaves few ambiguous submits behind."""
         breaker = self.breakers["submit"]
+        full = False  # the last claim got all it asked for: more is likely due, no need to ask
         async with send:
             while True:
                 if self.writer.trouble is not None:
                     await self.writer.recovered.wait()
-                next_at = await self.queue.next_pending_at()
-                if next_at is None or next_at > time.time():
+                next_at = None if full else await self.queue.next_pending_at()
+                if not full and (next_at is None or next_at > time.time()):
                     await self._wait_for_work(next_at)
                     continue
                 was_open = breaker.is_open
@@ -276,8 +277,9 @@ class Scheduler:
                 if 0 < self._in_hand >= room:  # what is in hand takes what room there is
                     await sent.wait()
                     continue
-                claims = await self.queue.claim(min(batch, max(1, room - self._in_hand)),
-                                                time.time())  # fmt: skip
+                asked = min(batch, max(1, room - self._in_hand))
+                claims = await self.queue.claim(asked, time.time())
+                full = len(claims) == asked
                 if not claims:
                     breaker.probing = False
                     continue

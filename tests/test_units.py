@@ -308,3 +308,15 @@ async def test_a_server_refusing_everything_draws_few_429s_not_a_steady_stream()
             now[0] += 0.05  # the round trip
             pacer.refused(stamp, None)
         assert pacer.throttled < 60, (limit, pacer.throttled)
+
+
+async def test_pacer_room_counts_the_slots_the_hour_frees_in_the_next_100_ms() -> None:
+    # with the window full, slots come back one or two at a time as old ones roll out; room
+    # counted only those free now, so the claimer took them in a transaction each
+    import anyio
+
+    pacer = Pacer(rate=1000.0, per_hour=3, hour=0.5)
+    for _ in range(3):
+        await pacer.slot()  # ~1 ms apart
+    with anyio.fail_after(5):
+        assert await pacer.room() == 3  # waits for the first to roll out; the others follow
