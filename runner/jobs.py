@@ -55,6 +55,7 @@ class Claim:
     idem_key: str = ""
     faults: int = 0  # of this job's budget, since its last retry
     resubmits: int = 0
+    chat: bool = False  # a conversation: an answer leads to its next turn
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Running:
     last_miss: float = 0.0  # age at the last poll that found it still running
     scout: bool = False  # one of the run's first operations: polled finely until learned
     fresh: bool = False  # submitted by this process: its first poll is planned from its submit
+    chat: bool = False  # a conversation: its answer leads to the next turn
 
     @property
     def operation_id(self) -> str:
@@ -126,6 +128,7 @@ class Answered:
     at: float
     completion: Completion
     polls: int = 0
+    chat: bool = False  # a conversation's turn: the next one waits for this commit
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,7 @@ class Poller:
         if op.fresh or op.polls > 1:  # not a previous run's, found done long after it finished
             self.policy.observe_done(op.last_miss, age)
         if state.completion is not None:
-            emit(Answered(op.attempt, now, state.completion, op.polls))
+            emit(Answered(op.attempt, now, state.completion, op.polls, chat=op.chat))
         elif state.cancelled:
             emit(Cancelled(op.attempt, now))
         elif state.failure is not None and state.failure.code in wire.TRANSIENT_OPERATION_CODES:

@@ -164,10 +164,10 @@ class Queue:
                 "WHERE rowid IN (SELECT rowid FROM jobs WHERE state = 'pending' AND next_at <= ? "
                 "ORDER BY next_at LIMIT ?) "
                 "RETURNING rowid, fence, id, body, idem_key, faults - faults_base, "
-                "resubmits - resubmits_base",
+                "resubmits - resubmits_base, turns IS NOT NULL",
                 (now, now, limit),
             )
-        claims = [Claim(Attempt(r[0], r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        claims = [Claim(Attempt(r[0], r[1]), r[2], r[3], r[4], r[5], r[6], bool(r[7])) for r in rows]
         return sorted(claims, key=lambda c: c.attempt.rowid)
 
     async def unclaim(self, claims: list[Claim]) -> None:
@@ -188,12 +188,14 @@ class Queue:
     ) -> list[Running]:
         """Operations submitted before ``before`` (a running job's next_at is its submit time)."""
         rows = await self.db.rows(
-            "SELECT rowid, fence, operation_id, submitted_at, resubmits - resubmits_base "
+            "SELECT rowid, fence, operation_id, submitted_at, resubmits - resubmits_base, "
+            "turns IS NOT NULL "
             "FROM jobs WHERE state = 'running' AND next_at < ? AND (next_at, rowid) > (?, ?) "
             "ORDER BY next_at, rowid LIMIT ?",
             before, *after, limit,
         )  # fmt: skip
-        return [Running(Attempt(r[0], r[1], r[2]), float(r[3] or 0), r[4]) for r in rows]
+        return [Running(Attempt(r[0], r[1], r[2]), float(r[3] or 0), r[4], chat=bool(r[5]))
+                for r in rows]  # fmt: skip
 
     async def recent_submits(self, since: float) -> list[float]:
         """Wall-clock times of submits that may count against the hourly quota since ``since``."""
@@ -257,10 +259,12 @@ class Queue:
 
     async def running(self) -> list[Running]:
         rows = await self.db.rows(
-            "SELECT rowid, fence, operation_id, submitted_at, resubmits - resubmits_base "
+            "SELECT rowid, fence, operation_id, submitted_at, resubmits - resubmits_base, "
+            "turns IS NOT NULL "
             "FROM jobs WHERE state = 'running' ORDER BY next_at"
         )
-        return [Running(Attempt(r[0], r[1], r[2]), float(r[3] or 0), r[4]) for r in rows]
+        return [Running(Attempt(r[0], r[1], r[2]), float(r[3] or 0), r[4], chat=bool(r[5]))
+                for r in rows]  # fmt: skip
 
     # -- outcomes -------------------------------------------------------------------------
 

@@ -339,7 +339,7 @@ class Scheduler:
             return
         self.writer.emit(Submitted(a, op_id, now))
         log.debug("submitted %s (attempt %d) as operation %s", claim.id, a.fence, op_id)
-        self.poller.submitted_now(Running(a.running(op_id), now, claim.resubmits))
+        self.poller.submitted_now(Running(a.running(op_id), now, claim.resubmits, chat=claim.chat))
 
     async def _submit_failed(self, claim: Claim, stamp: float, sent: float, e: ApiError) -> None:
         a, now, emit = claim.attempt, time.time(), self.writer.emit

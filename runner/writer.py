@@ -3,12 +3,14 @@
 Workers send outcomes through an unbounded memory stream (producers are paced by the quotas, so
 what waits there is at most the quota rate times a writer stall; a bound would turn a slow disk
 into a crash). The writer commits them in batches of up to a thousand through ``Queue.apply``:
-an operation id (or a sync answer) within 20 ms, since a kill before its commit pays for it
-again; anything else within 250 ms, since losing it costs a poll or a resend, so that in a busy
-run most answers share a commit (a commit is ~1 ms of CPU and an fsync) unless they may be the
-last of the run. Finished jobs are appended to the output file at most every 250 ms while the
-run goes on, and at once at its end. The writer lives outside the workers' task group so that
-on Ctrl-C or a fatal error it drains and commits everything already sent before the run ends.
+whatever a submit returned (an operation id, a sync answer, a refusal) within 20 ms, since a
+kill before the commit leaves an ambiguous submit, and a chat's answer, whose next turn waits
+for it; an operation's other outcomes within 250 ms, since losing one costs a poll, so that in
+a busy run most answers share a commit (a commit is ~1 ms of CPU and an fsync) unless they may
+be the last of the run. Finished jobs are appended to the output file at most every 250 ms
+while the run goes on, and at once at its end. The writer lives outside the workers' task group
+so that on Ctrl-C or a fatal error it drains and commits everything already sent before the
+run ends.
 
 When a commit fails for a storage reason (disk full, the file locked past SQLite's timeout), the
 writer holds the batch, raises ``trouble`` (the submitter stops claiming) and retries with
@@ -123,12 +125,13 @@ class Writer:
             raise StorageError(self.message())
 
     def _due(self, outcome: Outcome) -> float:
-        """When an outcome must be committed: an operation id or a sync answer within
-        ``batch_window`` (a kill before the commit pays for it again); anything else may wait
-        ``hold`` for company (a lost one costs a poll or a resend, not a token), so that in a
-        busy run most answers share a commit."""
-        urgent = isinstance(outcome, Submitted) or (
-            isinstance(outcome, Answered) and outcome.attempt.operation_id is None
+        """When an outcome must be committed. Within ``batch_window``: any outcome of a submit
+        (until it commits the job is "submitting", and a kill makes it an ambiguous submit,
+        paid again if it had an operation id or a sync answer), and a chat's answer (its next
+        turn waits for the commit). An outcome of a running operation may wait ``hold`` for
+        company: losing it costs a poll, not a token, and in a busy run most share a commit."""
+        urgent = outcome.attempt.operation_id is None or (
+            isinstance(outcome, Answered) and outcome.chat
         )
         return time.monotonic() + (self.batch_window if urgent else self.hold)
 
@@ -166,6 +169,9 @@ class Writer:
                 self.written += await self.output.export()
             except StorageError as e:
                 self._fail(str(e))
+            except Exception as e:  # a read that failed: stop as cleanly, not with held outcomes
+                log.exception("extending %s failed", self.output.path)
+                self._fail(f"cannot extend {self.output.path} ({type(e).__name__}: {e})")
 
     def _fail(self, what: str) -> None:
         if self.failed is None:

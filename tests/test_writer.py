@@ -17,7 +17,7 @@ import pytest
 from runner.database import Database
 from runner.ingest import ingest
 from runner.inputs import read_jobs
-from runner.jobs import Answered, Completion, Submitted
+from runner.jobs import Answered, ApiFailure, Completion, Requeued, Submitted
 from runner.output import OutputFile
 from runner.queue import Applied, Queue
 from runner.writer import Writer
@@ -93,3 +93,29 @@ async def test_closing_commits_what_waits(queue: Queue, tmp_path: Path) -> None:
         assert states(tmp_path)["j0"] == "running"
         writer.close()
     assert states(tmp_path)["j0"] == "done"
+
+
+async def test_a_refused_submit_and_a_chats_answer_are_committed_at_once(tmp_path: Path) -> None:
+    # review: a 429's requeue waited the hold with its job "submitting", so a kill then made it
+    # an ambiguous submit (counted as maybe billed, resent, held against the hourly window);
+    # and each chat turn waited the hold before its next turn could be claimed
+    jobs = write_jobs(tmp_path / "jobs.jsonl",
+                      [{"id": "p", "prompt": "p"}, {"id": "c", "turns": ["one", "two"]}])  # fmt: skip
+    async with Database.open(str(tmp_path / "runner.db")) as db:
+        await ingest(db, str(jobs), read_jobs(str(jobs), "yandexgpt-lite"))
+        queue = Queue(db)
+        writer = Writer(queue, None, budget=32768, on_applied=lambda _: None, hold=60.0)
+        writer.remaining = lambda: 2
+        claims = {c.id: c for c in await queue.claim(2, 1e12)}
+        assert claims["c"].chat and not claims["p"].chat
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run)
+            writer.emit(Requeued(claims["p"].attempt, 1e12, error=ApiFailure(8, "429")))
+            assert await until(lambda: states(tmp_path)["p"] == "pending") < 2.0
+            writer.emit(Submitted(claims["c"].attempt, "op-c", 1.0))
+            await until(lambda: states(tmp_path)["c"] == "running")
+            [running] = await queue.running()
+            assert running.chat  # what the poller builds its answer from
+            writer.emit(Answered(running.attempt, 2.0, DONE, chat=running.chat))
+            assert await until(lambda: states(tmp_path)["c"] == "pending") < 2.0  # turn two
+            writer.close()
