@@ -119,3 +119,60 @@ async def test_a_refused_submit_and_a_chats_answer_are_committed_at_once(tmp_pat
             writer.emit(Answered(running.attempt, 2.0, DONE, chat=running.chat))
             assert await until(lambda: states(tmp_path)["c"] == "pending") < 2.0  # turn two
             writer.close()
+
+
+HELD_RUN = """
+import anyio, runner
+from runner.polling import PollPolicy
+from runner.scheduler import Settings
+
+async def main() -> None:
+    settings = Settings(hold_window=600.0, policy=PollPolicy(prior=0.2))
+    async with runner.Batch("runner.db", settings=settings) as batch:
+        await batch.add(["one", "two", "three", "four"])
+        await batch.run()
+
+anyio.run(main)
+"""
+
+
+def test_an_answer_held_for_company_and_lost_to_a_kill_costs_a_poll_not_a_token(
+    tmp_path: Path,
+) -> None:
+    # a run holding answers for 10 minutes is killed -9 once a poll has answered "done" that
+    # the database does not hold yet; the rerun polls that operation again: nothing is
+    # submitted twice, every answer is counted once, every job has one line
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.procs import child_env, emulator_detail, emulator_process, run
+
+    (tmp_path / "held.py").write_text(HELD_RUN)
+    with emulator_process("--latency", "0.3:6") as url:
+        proc = subprocess.Popen([sys.executable, "held.py"], cwd=tmp_path, env=child_env(url),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not any(o["seen_done_at"] is not None for o in emulator_detail(url)["ops"]):
+                assert time.monotonic() < deadline, "no operation was seen done"
+                time.sleep(0.02)
+            seen = {o["id"] for o in emulator_detail(url)["ops"] if o["seen_done_at"] is not None}
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        held = db_rows(tmp_path / "runner.db", "SELECT operation_id FROM jobs WHERE state = "
+                       f"'running' AND operation_id IN ({','.join('?' * len(seen))})", *seen)  # fmt: skip
+        assert held, "the answer the emulator gave was not held: the test proves nothing"
+        assert run(["run", "-o", "out.jsonl"], tmp_path, url).returncode == 0
+        detail = emulator_detail(url)
+    assert len(detail["submit_times"]) == 4  # none sent twice
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(x["status"] for x in lines) == ["done"] * 4
+    ledger = db_rows(tmp_path / "runner.db",
+                     "SELECT COUNT(*), SUM(total_tokens) FROM operations WHERE answered_at IS NOT NULL")  # fmt: skip
+    assert ledger == [(4, sum(int(x["usage"]["totalTokens"]) for x in lines))]
+    assert db_rows(tmp_path / "runner.db", "SELECT total_tokens FROM totals") == [(ledger[0][1],)]
