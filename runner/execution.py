@@ -78,7 +78,7 @@ async def execute(batch: Batch, out_path: str | None, notify: Callable[[], None]
             writer = Writer(queue, out, budget=s.context_budget, on_applied=lambda _: None,
                             batch_window=s.batch_window, hold=s.hold_window,
                             patience=s.storage_patience)  # fmt: skip
-            sch = Scheduler(queue, client, writer, batch.settings, creds.folder_id, outstanding)
+            sch = Scheduler(queue, client, writer, s, creds.folder_id, outstanding)
             sch.listener = notify
             interrupted = await drive(batch, sch, writer, counts)
             written, throttled = written + writer.written, sch.stats.throttled

@@ -45,6 +45,14 @@ _JSON = json.JSONEncoder(ensure_ascii=False)
 # finish_seq and scans every job, once per batch of outcomes (2 ms at 6,000 jobs, growing)
 TOP_SEQ = "SELECT COALESCE(MAX(finish_seq), 0) FROM jobs WHERE finish_seq IS NOT NULL"
 
+# a running operation as the poller holds it
+_RUNNING = "rowid, fence, operation_id, submitted_at, resubmits - resubmits_base, turns IS NOT NULL"
+
+
+def _running(r: Any) -> Running:
+    return Running(Attempt(r[0], r[1], r[2]), float(r[3] or 0), r[4], chat=bool(r[5]))
+
+
 _SQL = {
     "submitted": "UPDATE jobs SET state = 'running', operation_id = ?, submitted_at = ?, "
     "next_at = ? WHERE rowid = ? AND fence = ? AND state = 'submitting'",
@@ -188,14 +196,11 @@ class Queue:
     ) -> list[Running]:
         """Operations submitted before ``before`` (a running job's next_at is its submit time)."""
         rows = await self.db.rows(
-            "SELECT rowid, fence, operation_id, submitted_at, resubmits - resubmits_base, "
-            "turns IS NOT NULL "
-            "FROM jobs WHERE state = 'running' AND next_at < ? AND (next_at, rowid) > (?, ?) "
-            "ORDER BY next_at, rowid LIMIT ?",
+            f"SELECT {_RUNNING} FROM jobs WHERE state = 'running' AND next_at < ? "
+            "AND (next_at, rowid) > (?, ?) ORDER BY next_at, rowid LIMIT ?",
             before, *after, limit,
         )  # fmt: skip
-        return [Running(Attempt(r[0], r[1], r[2]), float(r[3] or 0), r[4], chat=bool(r[5]))
-                for r in rows]  # fmt: skip
+        return [_running(r) for r in rows]
 
     async def recent_submits(self, since: float) -> list[float]:
         """Wall-clock times of submits that may count against the hourly quota since ``since``."""
@@ -259,12 +264,9 @@ class Queue:
 
     async def running(self) -> list[Running]:
         rows = await self.db.rows(
-            "SELECT rowid, fence, operation_id, submitted_at, resubmits - resubmits_base, "
-            "turns IS NOT NULL "
-            "FROM jobs WHERE state = 'running' ORDER BY next_at"
+            f"SELECT {_RUNNING} FROM jobs WHERE state = 'running' ORDER BY next_at"
         )
-        return [Running(Attempt(r[0], r[1], r[2]), float(r[3] or 0), r[4], chat=bool(r[5]))
-                for r in rows]  # fmt: skip
+        return [_running(r) for r in rows]
 
     # -- outcomes -------------------------------------------------------------------------
 

@@ -265,10 +265,11 @@ class Scheduler:
             while True:
                 if self.writer.trouble is not None:
                     await self.writer.recovered.wait()
-                next_at = None if full else await self.queue.next_pending_at()
-                if not full and (next_at is None or next_at > time.time()):
-                    await self._wait_for_work(next_at)
-                    continue
+                if not full:
+                    next_at = await self.queue.next_pending_at()
+                    if next_at is None or next_at > time.time():
+                        await self._wait_for_work(next_at)
+                        continue
                 was_open = breaker.is_open
                 await self.gate("submit")
                 pace = int(self.submit_pacer.rate * 0.1)

@@ -66,9 +66,8 @@ class Writer:
         # jobs still to finish: a batch that may finish them all is committed at once, so the
         # last answer of a run never waits ``hold``
         self.remaining: Callable[[], int] = lambda: 1 << 62
-        self._unexported = False  # finished jobs committed but not yet in the output file
         self._exported_at = -math.inf
-        self._export_due = math.inf
+        self._export_due = math.inf  # finite while finished jobs wait to be appended
         self.patience = patience
         self.written = 0
         self.trouble: str | None = None  # set while commits are failing
@@ -152,7 +151,6 @@ class Writer:
                     self._fail(f"cannot write {self.queue.db.path}: {e.error}")
                     return
             if applied.finished and self.output is not None:
-                self._unexported = True
                 self._export_due = min(self._export_due, self._exported_at + self.hold)
             self.on_applied(applied)
         if final or self._export_due <= time.monotonic():
@@ -160,10 +158,10 @@ class Writer:
 
     async def export(self) -> None:
         """Append the jobs finished since the last export to the output file."""
+        waiting = self._export_due < math.inf
         self._export_due, self._exported_at = math.inf, time.monotonic()
-        if not self._unexported or self.output is None or self.failed is not None:
+        if not waiting or self.output is None or self.failed is not None:
             return
-        self._unexported = False
         with anyio.CancelScope(shield=True):
             try:
                 self.written += await self.output.export()
