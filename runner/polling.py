@@ -169,8 +169,8 @@ class LatencySketch:
 
         def survival(seconds: float) -> float:
             i = int(math.log(max(seconds, _LO) / _LO) / _LOG_RATIO)
-            if i < done:
-                return max(tail[i], floor)
+            if i < done:  # never below where the tail beyond starts: it never rises with age
+                return max(tail[i], floor + beyond)
             ratio = top / max(seconds, top)
             return float((floor + beyond) * ratio**TAIL_EXPONENT)
 
@@ -248,9 +248,12 @@ class PollPolicy:
         def expected_alive(t: float) -> float:  # operations still running t seconds from now
             return sum(survival(age + t) * w for age, w in ops)
 
-        if expected_alive(0.0) < self.alive:
+        # fewer than ``alive`` expected to run past the quota's bound: it is the horizon (the
+        # expected count only falls with time), and no search is needed; while the quota keeps
+        # a run going, this is nearly every tick
+        if expected_alive(quota) < self.alive:
             return quota
-        lo, hi = 0.0, 1.0
+        lo, hi = quota, max(1.0, 2 * quota)
         while expected_alive(hi) >= self.alive and hi < 1e7:
             lo, hi = hi, hi * 2
         while hi - lo > max(0.05, 0.01 * lo):  # to 1% or 50 ms: far finer than the polls

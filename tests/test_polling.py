@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -198,3 +199,27 @@ def test_a_burst_of_misses_cannot_run_the_estimate_away() -> None:
     for _ in range(100):
         policy.observe_done(1.0, 2.0)
     assert 1.0 < policy.first <= 2.2 and statistics.fmean([policy.first]) > 0
+
+
+def test_survival_never_rises_with_age_so_the_horizon_can_stop_at_the_quotas_bound() -> None:
+    # the longest latency seen was only bounded from above (its first poll found it done), so
+    # the estimate spreads it thin: its bucket holds less than the tail's floor. The horizon
+    # takes the quota's bound without a search when fewer than ``alive`` are expected past
+    # it, which is exact only if survival never rises with age
+    sketch = LatencySketch()
+    for x in lognormal(300, median=4.0, sigma=0.5, seed=7):
+        sketch.add(x * 0.9, x)
+    sketch.add(0.0, 400.0)
+    sketch.set_running({100: 3})
+    survival = sketch.survival_function()
+    ages = [0.5 * 1.01**k for k in range(800)]
+    values = [survival(a) for a in ages]
+    assert all(b <= a for a, b in itertools.pairwise(values))
+
+    policy = PollPolicy()
+    for x in lognormal(2000, median=4.0, sigma=0.5, seed=8):
+        policy.observe_done(x * 0.9, x)
+    running = [(a, a) for a in (5.0, 6.0, 9.0, 12.0, 14.0)]
+    # the searched horizon lies past a short quota bound, and a long one is the horizon
+    assert 1.0 < policy.horizon(1.0, running) < 60.0
+    assert policy.horizon(60.0, running) == pytest.approx(60.0 + policy.sketch.quantile(0.05))
