@@ -166,13 +166,16 @@ class LatencySketch:
         tail, done = self._tail, self._done_top
         floor = 0.5 / max(self.n, 1)
         top, beyond = _middle(done), tail[done]
+        # the tail beyond starts no higher than the bucket before it: survival never rises
+        # with age (the horizon relies on it), and is never raised above the estimate's own
+        start = min(floor + beyond, max(tail[done - 1], floor)) if done else floor + beyond
 
         def survival(seconds: float) -> float:
             i = int(math.log(max(seconds, _LO) / _LO) / _LOG_RATIO)
-            if i < done:  # never below where the tail beyond starts: it never rises with age
-                return max(tail[i], floor + beyond)
+            if i < done:
+                return max(tail[i], floor)
             ratio = top / max(seconds, top)
-            return float((floor + beyond) * ratio**TAIL_EXPONENT)
+            return float(start * ratio**TAIL_EXPONENT)
 
         return survival
 
@@ -245,7 +248,7 @@ class PollPolicy:
                 g = groups.setdefault(_bucket(age), [0.0, 0.0, 0.0])
                 g[0], g[1], g[2] = g[0] + 1, g[1] + age, g[2] + alive
             ops = [(t / n, n / survival(a / n)) for n, t, a in groups.values()]
-        if not ops:
+        if not ops or quota == math.inf:
             return quota
 
         def expected_alive(t: float) -> float:  # operations still running t seconds from now
