@@ -209,7 +209,7 @@ def test_survival_never_rises_with_age_so_the_horizon_can_stop_at_the_quotas_bou
     # takes the quota's bound without a search when fewer than ``alive`` are expected past
     # it, which is exact only if survival never rises with age
     sketch = LatencySketch()
-    for x in lognormal(300, median=4.0, sigma=0.5, seed=7):
+    for x in lognormal(300, median=4.0, sigma=0.5, seed=1):  # a draw where it did rise
         sketch.add(x * 0.9, x)
     sketch.add(0.0, 400.0)
     sketch.set_running({100: 3})
