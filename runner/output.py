@@ -141,8 +141,9 @@ def _storage(path: str, e: OSError) -> StorageError:
 
 async def invalidate(con: aiosqlite.Connection) -> None:
     """Mark every run output for a rebuild (results changed after they were written). What
-    runner wrote stays recorded, so the file is still checked to be runner's before the rebuild."""
-    await con.execute("UPDATE outputs SET last_seq = -1 WHERE kind = 'run'")
+    runner wrote stays recorded, how far it got included, so the file is still checked to be
+    runner's (lines added past the last commit too) before the rebuild."""
+    await con.execute("UPDATE outputs SET rebuild = 1 WHERE kind = 'run'")
 
 
 class OutputFile:
@@ -162,7 +163,7 @@ class OutputFile:
         ``UsageError`` with the file untouched. Changes nothing, so it can go first."""
         check_target(self.path, self.db.path, self.jobs_path)
         row = await self.db.row(
-            "SELECT last_seq, size, tail, kind FROM outputs WHERE path = ?", self.key
+            "SELECT last_seq, size, tail, kind, rebuild FROM outputs WHERE path = ?", self.key
         )
         size = os.path.getsize(self.path) if os.path.exists(self.path) else -1
         if size <= 0:  # nothing there to lose: (re)built from the database
@@ -188,15 +189,19 @@ class OutputFile:
                 f"-o {self.path}: that is an export written by `runner results`; give "
                 "`runner run` an output file of its own"
             )
-        if last_seq < 0:
-            log.warning("%s: rebuilding it from the database", self.path)
-            return 0, 0, ""
-        if size > recorded and not await self._ours_past(last_seq, recorded, size):
+        # checked before a rebuild too: it cuts the file to nothing (last_seq < 0: marked for
+        # a rebuild by a version that did not keep it, so what follows cannot be checked)
+        if size > recorded and (
+            last_seq < 0 or not await self._ours_past(last_seq, recorded, size)
+        ):
             raise UsageError(
                 f"-o {self.path}: {size - recorded} bytes after the last line runner committed "
                 "are not what runner writes (lines added by hand?); move them or the file away, "
                 "then rerun"
             )
+        if row["rebuild"]:
+            log.warning("%s: rebuilding it from the database", self.path)
+            return 0, 0, ""
         return last_seq, recorded, tail
 
     async def _ours_past(self, last_seq: int, start: int, size: int) -> bool:
@@ -243,9 +248,10 @@ class OutputFile:
             raise _storage(self.path, e) from None
         async with self.db.transaction() as con:
             await con.execute(
-                "INSERT INTO outputs (path, last_seq, size, tail, kind) VALUES (?, ?, ?, ?, 'run') "
-                "ON CONFLICT (path) DO UPDATE SET last_seq = excluded.last_seq, "
-                "size = excluded.size, tail = excluded.tail, kind = 'run'",
+                "INSERT INTO outputs (path, last_seq, size, tail, kind, rebuild) "
+                "VALUES (?, ?, ?, ?, 'run', 0) ON CONFLICT (path) DO UPDATE SET "
+                "last_seq = excluded.last_seq, size = excluded.size, tail = excluded.tail, "
+                "kind = 'run', rebuild = 0",
                 (self.key, last_seq, recorded, tail),
             )
         self._record = (last_seq, recorded, tail)

@@ -107,6 +107,30 @@ def test_retry_moves_failed_back_keeps_history_and_output_stays_exact(cwd: Path)
     assert all(r["status"] == "done" and r["attempts"] == 2 for r in out)
 
 
+def test_retry_then_run_refuses_lines_added_by_hand_to_the_output(cwd: Path) -> None:
+    # the rebuild after `retry` cut them: the mark for it lost how far the file had got
+    make_jobs(cwd / "jobs.jsonl", 3)
+    with emulator_process("--op-error-rate", "1") as url:
+        code, _ = invoke(url, "run", "jobs.jsonl", "-o", "out.jsonl")
+    assert code == 1
+    with (cwd / "out.jsonl").open("a") as f:
+        f.write('{"id": "mine", "note": "my own line"}\n')
+    before = (cwd / "out.jsonl").read_bytes()
+    assert json.loads(CliRunner().invoke(cli, ["retry", "--json"]).output) == {"moved": 3}
+    with emulator_process() as url:
+        code, out = invoke(url, "run", "-o", "out.jsonl")
+        assert emulator_stats(url).get("submits", 0) == 0  # refused before sending
+    assert code == 2 and "not what runner writes (lines added by hand?)" in out
+    assert (cwd / "out.jsonl").read_bytes() == before
+    (cwd / "out.jsonl").write_bytes(before[: before.index(b'{"id": "mine"')])  # taken out again
+    with emulator_process() as url:
+        code, out = invoke(url, "run", "-o", "out.jsonl")
+    assert code == 0, out
+    out_lines = read_out(cwd / "out.jsonl")  # rebuilt: one line per job, the new answers
+    assert sorted(r["id"] for r in out_lines) == ["j0", "j1", "j2"]
+    assert all(r["status"] == "done" for r in out_lines)
+
+
 def test_cancel_pending_only(cwd: Path) -> None:
     make_jobs(cwd / "jobs.jsonl", 5)
     with emulator_process("--fault", "submit:403=1") as url:
