@@ -8,7 +8,9 @@ Messages never include headers, so no credential can leak through them.
 Every failure becomes an ``ApiError`` with the ``kind`` the scheduler acts on and
 ``maybe_created``: whether a submit may have created a (billed) operation although its answer
 did not reach us (a timeout or reset after sending, a garbled or malformed 2xx). That is what
-makes a failed submit ambiguous. A 5xx answer or a refused connection created nothing.
+makes a failed submit ambiguous, and so does a 504 (a deadline passed after the request went
+in) or a 5xx that is not the service's own error body (a gateway's, which may have passed the
+request on). The service's own 500 or 503, or a refused connection, created nothing.
 """
 
 from __future__ import annotations
@@ -192,10 +194,13 @@ class Client:
                 short="connection lost",
             ) from None  # fmt: skip
         if status >= 400:
-            code, message = wire.parse_error(status, text)
+            code, message, shaped = wire.parse_error(status, text)
             kind = wire.classify(status, code)
             log.debug("%s %s -> %s (request %s): %s", method, url, status, trace, message)
-            raise ApiError(kind, message, status=status, code=code, retry_after=retry_after)
+            raise ApiError(
+                kind, message, status=status, code=code, retry_after=retry_after,
+                maybe_created=wire.maybe_done(status, code, shaped),
+            )  # fmt: skip
         try:
             return json.loads(text), text
         except ValueError:

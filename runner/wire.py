@@ -52,8 +52,9 @@ def classify(status: int, code: int) -> Kind:
     return "invalid"
 
 
-def parse_error(status: int, text: str) -> tuple[int, str]:
-    """(gRPC code, message) from either documented error body shape, or from the status alone."""
+def parse_error(status: int, text: str) -> tuple[int, str, bool]:
+    """(gRPC code, message, whether the body is one of the service's documented error shapes)
+    from the body, or from the status alone (a proxy's page, an empty body)."""
     try:
         data = json.loads(text)
     except ValueError:
@@ -64,9 +65,18 @@ def parse_error(status: int, text: str) -> tuple[int, str]:
         message = inner.get("message")
         if isinstance(message, str):
             ok = isinstance(code, int) and not isinstance(code, bool)
-            return (code if ok else GRPC_OF_HTTP.get(status, 2)), message
+            return (code if ok else GRPC_OF_HTTP.get(status, 2)), message, True
     tail = snippet(text)
-    return GRPC_OF_HTTP.get(status, 2), f"HTTP {status}" + (f": {tail}" if tail else "")
+    return GRPC_OF_HTTP.get(status, 2), f"HTTP {status}" + (f": {tail}" if tail else ""), False
+
+
+def maybe_done(status: int, code: int, shaped: bool) -> bool:
+    """Whether a request answered with this error may still have been carried out (for a
+    submit: an operation created and billed; docs/api.md, sections 3 and 6): a deadline that
+    passed (504, DEADLINE_EXCEEDED) after the request went in, or a 5xx that is not the
+    service's own error body, from a gateway that may have passed the request on. The service's
+    own 500 and 503 did nothing (an internal error is not charged)."""
+    return status == 504 or code == 4 or (status >= 500 and not shaped)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

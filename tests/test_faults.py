@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from runner.errors import CredentialsError
 from tests.conftest import db_rows, fast_settings, read_out, run_against, write_jobs
@@ -37,6 +42,69 @@ async def test_transient_faults_are_retried_until_done(
     assert report.exit_code == 0
     assert all(r["status"] == "done" for r in all_done(tmp_path))
     assert e.stats[f"fault_{endpoint}_{fault}"] > 0  # the fault really happened
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "504"])
+async def test_a_submit_answered_504_is_ambiguous_the_services_500_and_503_are_not(
+    make_emulator: Any, tmp_path: Path, fault: str
+) -> None:
+    # a 504 was resent as a plain fault, uncounted, though the operation may exist (docs/api.md 6)
+    e = await make_emulator(faults={f"submit:{fault}": 0.3}, seed=3)
+    report = await run_against(e, tmp_path, jobs(tmp_path), settings=fast_settings(max_faults=50))
+    assert report.exit_code == 0
+    injected = e.stats[f"fault_submit_{fault}"]
+    assert injected > 0 and report.this_run["faults"] == injected
+    assert report.this_run["ambiguousSubmits"] == (injected if fault == "504" else 0)
+
+
+Answer = Callable[[web.Request, bytes, int], Awaitable["web.StreamResponse | None"]]
+
+
+@contextlib.asynccontextmanager
+async def gateway(e: Any, answer: Answer) -> AsyncIterator[str]:
+    """A gateway on loopback in front of the emulator: it passes every request on, then
+    ``answer(request, body, status)`` may replace what goes back. Yields its URL."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with aiohttp.ClientSession() as s, s.request(
+            request.method, e.url + request.path_qs, data=body or None, headers=headers
+        ) as r:  # fmt: skip
+            data, status = await r.read(), r.status
+        replaced = await answer(request, body, status)
+        return replaced or web.Response(body=data, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+async def test_a_gateways_504_after_the_operation_was_created_is_counted_as_ambiguous(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    # a gateway passes the first submit of each job on (the operation is created and billed)
+    # and answers 504: runner paid twice for each job and reported 0 ambiguous submits
+    e = await make_emulator()
+    seen: set[bytes] = set()
+
+    async def answer(request: web.Request, body: bytes, status: int) -> web.Response | None:
+        if request.path.endswith("/completionAsync") and status == 200 and body not in seen:
+            seen.add(body)
+            return web.json_response({"code": 4, "message": "upstream request timeout"}, status=504)
+        return None
+
+    async with gateway(e, answer) as url:
+        report = await run_against(None, tmp_path, jobs(tmp_path, 6), llm_url=url, operation_url=url,
+                                   settings=fast_settings(max_faults=5))  # fmt: skip
+    assert report.exit_code == 0 and len(all_done(tmp_path, 6)) == 6
+    assert e.stats["submits"] == 12  # each job's operation was created twice: paid twice
+    assert report.this_run["ambiguousSubmits"] == 6  # and every extra one is reported
 
 
 async def test_a_malformed_answer_is_the_jobs_fault_and_fails_it_after_its_budget(

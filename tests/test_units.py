@@ -191,11 +191,13 @@ async def test_pacer_horizon_counts_hourly_windows() -> None:
 
 def test_both_error_shapes_parse() -> None:
     assert parse_error(401, '{"code": 16, "message": "Token is invalid or has expired.", "details": []}') == (
-        16, "Token is invalid or has expired.",
+        16, "Token is invalid or has expired.", True,
     )  # fmt: skip
     shape2 = '{"error": {"grpcCode": 8, "httpCode": 429, "message": "quota", "httpStatus": "Too Many Requests"}}'
-    assert parse_error(429, shape2) == (8, "quota")
-    assert parse_error(502, "<html>bad gateway</html>") == (2, "HTTP 502: <html>bad gateway</html>")
+    assert parse_error(429, shape2) == (8, "quota", True)
+    assert parse_error(502, "<html>bad gateway</html>") == (
+        2, "HTTP 502: <html>bad gateway</html>", False,
+    )  # fmt: skip
     assert classify(429, 8) == "rate" and classify(400, 3) == "invalid"
     assert classify(503, 14) == "transient" and classify(404, 5) == "not_found"
     assert classify(403, 7) == "forbidden" and classify(401, 16) == "auth"
