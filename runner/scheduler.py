@@ -10,7 +10,8 @@ operations submitted before this run started. Every outcome names its attempt an
 
 Failures go through one breaker per endpoint family (``breaker``): an outage pauses the family
 and probes it, charges no job and fails none, and ``max_outage`` (if set) ends the run with
-``OutageError``. A job's own failures (a malformed answer; a transient one while later requests
+``OutageError``. A submit probe goes only after the free tokenizer answers: a probe that times
+out may still have created a billed operation. A job's own failures (a malformed answer; a transient one while later requests
 succeed) spend its budget. 401/403, and a 404 for an operation too young to have expired, stop
 the run with ``CredentialsError``; state stays committed and the next run resumes.
 """
@@ -272,6 +273,12 @@ class Scheduler:
                         continue
                 was_open = breaker.is_open
                 await self.gate("submit")
+                if breaker.is_open and not await self._service_up():
+                    # the probe's turn and the free tokenizer is not answering either: a submit
+                    # now would most likely time out too, after it may have created a (billed)
+                    # operation, every probe of an outage that only slow answers make
+                    breaker.probe_failed(anyio.current_time())
+                    continue
                 pace = int(self.submit_pacer.rate * 0.1)
                 batch = 1 if breaker.is_open else max(1, min(most, pace))
                 sent, room = self._batch_sent, await self.submit_pacer.room()

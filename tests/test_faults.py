@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from runner.errors import CredentialsError
+from runner.errors import CredentialsError, OutageError
 from tests.conftest import db_rows, fast_settings, read_out, run_against, write_jobs
 
 pytestmark = pytest.mark.anyio
@@ -105,6 +106,38 @@ async def test_a_gateways_504_after_the_operation_was_created_is_counted_as_ambi
     assert report.exit_code == 0 and len(all_done(tmp_path, 6)) == 6
     assert e.stats["submits"] == 12  # each job's operation was created twice: paid twice
     assert report.this_run["ambiguousSubmits"] == 6  # and every extra one is reported
+
+
+async def test_an_outage_of_slow_answers_is_probed_for_free_not_with_paid_submits(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    # every answer comes after the request timeout, though each submit creates its operation:
+    # the breaker opened, and each probe (a real submit) created one more billed operation
+    e = await make_emulator()
+    created_while_open: list[int] = []
+    opened = anyio.Event()
+
+    async def answer(request: web.Request, body: bytes, status: int) -> None:
+        if opened.is_set() and request.path.endswith("/completionAsync"):
+            created_while_open.append(status)
+        await anyio.sleep(0.5)  # past the request timeout
+
+    async def watch() -> None:
+        with anyio.move_on_after(10):
+            # the emulator's counter has no event to wait on
+            while e.stats["submits"] < 3:  # noqa: ASYNC110 - three failures trip the breaker
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.6)  # their answers were given up on
+            opened.set()
+
+    async with gateway(e, answer) as url, anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        with pytest.raises(OutageError):
+            await run_against(None, tmp_path, jobs(tmp_path, 4), llm_url=url, operation_url=url,
+                              request_timeout=0.2,
+                              settings=fast_settings(max_outage=3.0, submit_rps=5.0))  # fmt: skip
+    assert opened.is_set() and e.stats["tokenize"] > 0  # probed, with the tokenizer
+    assert created_while_open == []  # and no submit went while it was open
 
 
 async def test_a_malformed_answer_is_the_jobs_fault_and_fails_it_after_its_budget(
