@@ -37,6 +37,7 @@ _KNOWN = frozenset(
     )
 )  # fmt: skip
 _OPTION_KEYS = frozenset(("stream", "temperature", "maxTokens", "reasoningOptions"))
+_MESSAGE_KEYS = frozenset(("role", "text", "toolCallList", "toolResultList"))
 _REASONING_MODES = ("REASONING_MODE_UNSPECIFIED", "DISABLED", "ENABLED_HIDDEN")
 
 
@@ -96,7 +97,9 @@ def model_free(body: str) -> str:
 
 
 # one encoder for every line: json.dumps with options builds a new one per call
-_CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+_CANONICAL = json.JSONEncoder(
+    ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
+)
 
 
 def canonical(body: dict[str, Any]) -> str:
@@ -134,7 +137,7 @@ def read_jobs(path: str, default_model: str) -> Iterator[Spec | Problem]:
                 yield Problem(path, number, "", f"invalid UTF-8 at byte {e.start}")
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, parse_constant=_no_constant)
             except json.JSONDecodeError as e:
                 hint = " (truncated line?)" if not raw.endswith(b"\n") else ""
                 what = e.msg.removesuffix(" at")
@@ -143,7 +146,17 @@ def read_jobs(path: str, default_model: str) -> Iterator[Spec | Problem]:
                     f"not valid JSON: {what} at line {number}, column {e.colno}{hint}",
                 )  # fmt: skip
                 continue
+            except RecursionError:
+                yield Problem(path, number, "", "not valid JSON here: nested too deeply")
+                continue
+            except ValueError as e:  # an integer of thousands of digits, NaN, Infinity
+                yield Problem(path, number, "", f"not valid JSON here: {str(e).split(';')[0]}")
+                continue
             yield spec_of(obj, number, path, default_model)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def spec_of(obj: Any, number: int, where: str, default_model: str) -> Spec | Problem:
@@ -152,10 +165,46 @@ def spec_of(obj: Any, number: int, where: str, default_model: str) -> Spec | Pro
         obj = {"prompt": obj}
     try:
         job_id, body = parse_job(obj, number, default_model)
+        _storable(job_id, "id")
+        turns = obj.get("turns")
+        return Spec(number, job_id, _serialised(body), _serialised(turns) if turns else None)
     except _Bad as e:
         return Problem(where, number, e.field, e.message)
-    turns = obj.get("turns")
-    return Spec(number, job_id, canonical(body), canonical(turns) if turns else None)
+    except (TypeError, ValueError, RecursionError) as e:  # never a traceback for bad input
+        return Problem(where, number, "", f"cannot be read: {e}")
+
+
+def _serialised(value: Any) -> str:
+    """Canonical JSON that SQLite and the API can take, or ``_Bad`` naming the field that is
+    not (a Python object, NaN, a lone surrogate: "\\ud800" is valid JSON but not Unicode)."""
+    try:
+        return _storable(canonical(value), "")
+    except (TypeError, ValueError, RecursionError):
+        pass
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, part in items:  # name the first part that fails
+        try:
+            _storable(canonical(part), "")
+        except (TypeError, ValueError, RecursionError, _Bad) as e:
+            field = str(key) if isinstance(value, dict) else f"turns[{key}]"
+            raise _Bad(field, _why(e)) from None
+    raise _Bad("", "cannot be stored as JSON")
+
+
+def _storable(text: str, field: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Bad(field, "is not valid Unicode (a lone surrogate such as \\ud800)") from None
+    return text
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, _Bad):
+        return e.message
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return f"is not JSON: {e}"  # a Python object, a non-string key, NaN or Infinity
 
 
 def _lines(f: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
@@ -178,6 +227,8 @@ def parse_job(obj: Any, line: int, default_model: str) -> tuple[str, dict[str, A
     """Validate one decoded line and build the request body; raises ``_Bad`` on the first fault."""
     if not isinstance(obj, dict):
         raise _Bad("", f"expected a JSON object, got {type(obj).__name__}")
+    if not all(isinstance(key, str) for key in obj):
+        raise _Bad("", "field names must be strings")
     unknown = sorted(set(obj) - _KNOWN)
     if unknown:
         raise _Bad(unknown[0], "unknown field")
@@ -245,14 +296,21 @@ def parse_job(obj: Any, line: int, default_model: str) -> tuple[str, dict[str, A
         raise _Bad("jsonSchema", 'must be {"schema": {...}}')
     if body.get("jsonObject") and "jsonSchema" in body:
         raise _Bad("jsonSchema", "give either jsonObject or jsonSchema, not both")
-    if "tools" in body and not isinstance(body["tools"], list):
-        raise _Bad("tools", "must be a list")
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise _Bad("tools", "must be a list of objects")
+    if "toolChoice" in body and not isinstance(body["toolChoice"], dict):
+        raise _Bad("toolChoice", "must be an object")
+    if "parallelToolCalls" in body and not isinstance(body["parallelToolCalls"], bool):
+        raise _Bad("parallelToolCalls", "must be true or false")
     return job_id, body
 
 
 def _job_id(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _Bad("id", "must be a string or an integer")
+    if isinstance(value, int) and abs(value) >= 1 << 63:
+        raise _Bad("id", "integer out of range; give it as a string")
     text = str(value)
     if not text or len(text) > MAX_ID_CHARS:
         raise _Bad("id", f"must be 1 to {MAX_ID_CHARS} characters")
@@ -277,9 +335,15 @@ def _messages(value: Any, history: bool = False) -> list[dict[str, Any]]:
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
             raise _Bad(where, "must be an object with role and text")
+        unknown = sorted(str(k) for k in msg if k not in _MESSAGE_KEYS)
+        if unknown:
+            raise _Bad(f"{where}.{unknown[0]}", "unknown field")
         role = msg.get("role")
         if role not in ROLES:
             raise _Bad(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        for key in ("toolCallList", "toolResultList"):
+            if key in msg and not isinstance(msg[key], dict):
+                raise _Bad(f"{where}.{key}", "must be an object")
         if "text" in msg:
             _text(msg["text"], f"{where}.text")
         elif not ("toolCallList" in msg or "toolResultList" in msg):
@@ -308,6 +372,9 @@ def _options(value: Any) -> dict[str, Any]:
         opts["maxTokens"] = str(_positive_int(value["maxTokens"], "completionOptions.maxTokens"))
     if "reasoningOptions" in value:
         ro = value["reasoningOptions"]
+        extra = sorted(str(k) for k in ro if k != "mode") if isinstance(ro, dict) else []
+        if extra:
+            raise _Bad(f"completionOptions.reasoningOptions.{extra[0]}", "unknown option")
         if not isinstance(ro, dict) or ro.get("mode", "") not in _REASONING_MODES:
             raise _Bad(
                 "completionOptions.reasoningOptions.mode",
@@ -319,8 +386,8 @@ def _options(value: Any) -> dict[str, Any]:
 
 def _positive_int(value: Any, field: str) -> int:
     # int64 fields arrive as numbers or as decimal strings (proto3 JSON); accept both
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 63:
         raise _Bad(field, f"must be a positive integer, got {value!r}")
     return value

@@ -88,6 +88,19 @@ BAD = [
     ("unknown field", '{"promt": "x"}', "promt", "unknown field"),
     ("id type", '{"id": {"a": 1}, "prompt": "x"}', "id", "string or an integer"),
     ("stream", '{"prompt": "x", "completionOptions": {"stream": true}}', "completionOptions.stream", "not supported"),
+    # each of these was a traceback (exit 1) or was sent as it was, paid for (review, issue 11 session 5)
+    ("huge integer", '{"id": ' + "1" * 5000 + ', "prompt": "x"}', "", "Exceeds the limit (4300 digits)"),
+    ("deep nesting", '{"prompt": "x", "tools": ' + "[" * 100_000 + "]" * 100_000 + "}", "", "nested too deeply"),
+    ("NaN", '{"prompt": "x", "tools": [NaN]}', "", "NaN is not a JSON number"),
+    ("maxTokens superscript", '{"prompt": "x", "completionOptions": {"maxTokens": "\u00b2"}}', "completionOptions.maxTokens", "positive integer"),
+    ("lone surrogate", '{"prompt": "\\ud800"}', "messages", "not valid Unicode"),
+    ("surrogate id", '{"id": "\\udfff", "prompt": "x"}', "id", "not valid Unicode"),
+    ("message typo", '{"messages": [{"role": "user", "text": "u", "extra": "typo"}]}', "messages[0].extra", "unknown field"),
+    ("reasoning typo", '{"prompt": "x", "completionOptions": {"reasoningOptions": {"mode": "DISABLED", "foo": 1}}}', "completionOptions.reasoningOptions.foo", "unknown option"),
+    ("toolChoice", '{"prompt": "x", "toolChoice": 5}', "toolChoice", "must be an object"),
+    ("parallelToolCalls", '{"prompt": "x", "parallelToolCalls": "yes"}', "parallelToolCalls", "true or false"),
+    ("tools of numbers", '{"prompt": "x", "tools": [1, 2]}', "tools", "list of objects"),
+    ("toolResultList", '{"messages": [{"role": "user", "toolResultList": 5}]}', "messages[0].toolResultList", "must be an object"),
 ]  # fmt: skip
 
 
