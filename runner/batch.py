@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,19 @@ from runner.scheduler import Settings
 
 log = logging.getLogger("runner")
 Jobs = str | os.PathLike[str] | Iterable[str | dict[str, Any]]
+
+
+def as_list(jobs: Iterable[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+    """The items of a Python list of jobs; ``UsageError`` for one job object (a dict iterates
+    over its keys, which would run "id" and "prompt" as prompts)."""
+    if isinstance(jobs, Mapping | bytes):
+        raise UsageError(f"jobs: give a list of prompts or job objects, not one {type(jobs).__name__}")
+    return list(jobs)
+
+
+def listed(jobs: Jobs) -> bool:
+    """Jobs given as a Python list (problems name ``jobs[i]``), not as a file."""
+    return not isinstance(jobs, str | os.PathLike)
 
 
 @dataclass(frozen=True)
@@ -174,7 +187,7 @@ class Batch:
         specs, where = self._specs(jobs)
         db = await self._open()
         with storage_guard(self.path):
-            added = await ingest.ingest(db, where, specs)
+            added = await ingest.ingest(db, where, specs, items=listed(jobs))
         for said in pricing.warnings(await self._models(db), self.mode):
             log.warning("%s", said)
         return added
@@ -183,12 +196,12 @@ class Batch:
         if isinstance(jobs, str | os.PathLike):
             self.jobs_path = os.fspath(jobs)
             return read_jobs(self.jobs_path, self.model), self.jobs_path
-        items = list(jobs)
-        specs = [spec_of(item, i, f"jobs[{i}]", self.model) for i, item in enumerate(items)]
+        items = as_list(jobs)
+        specs = [spec_of(item, i, "jobs", self.model) for i, item in enumerate(items)]
         # a Python item without an id is known by its position, as a JSONL line is by its line
         fixed = [s if not isinstance(s, Spec) or has_id(items[s.line]) else
                  Spec(s.line, f"item-{s.line}", s.body, s.turns) for s in specs]  # fmt: skip
-        return [s if isinstance(s, Spec) else _unline(s) for s in fixed], "jobs"
+        return fixed, "jobs"
 
     async def _models(self, db: Database) -> set[str]:
         return {str(m) for (m,) in await db.rows("SELECT DISTINCT model FROM jobs") if m}
@@ -314,8 +327,5 @@ def has_id(item: Any) -> bool:
     return isinstance(item, dict) and "id" in item
 
 
-def _unline(problem: Any) -> Any:
-    """A problem in a Python list is named ``jobs[i]``, without a line number."""
-    return type(problem)(problem.path, 0, problem.field, problem.message)
 
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from runner.batch import Batch, Jobs, has_id
+from runner.batch import Batch, Jobs, as_list, has_id
 from runner.errors import Interrupted
 from runner.inputs import Spec
 from runner.jobs import Result
@@ -37,7 +37,7 @@ def run(
 
     async def main() -> list[Result]:
         async with Batch(db, **options) as batch:
-            items = jobs if isinstance(jobs, str | os.PathLike) else list(jobs)
+            items = jobs if isinstance(jobs, str | os.PathLike) else as_list(jobs)
             if isinstance(items, str | os.PathLike):
                 batch.jobs_path = os.fspath(items)
             await batch.require_credentials(items)

@@ -36,18 +36,23 @@ class _RollBack(Exception):
 
 
 async def ingest(
-    db: Database, path: str, specs: Iterable[Spec | Problem], dry_run: bool = False
-) -> Added:
-    """Add the jobs atomically; raises ``InputError`` listing the problems, storing nothing."""
+    db: Database, path: str, specs: Iterable[Spec | Problem], dry_run: bool = False,
+    *, items: bool = False,
+) -> Added:  # fmt: skip
+    """Add the jobs atomically; raises ``InputError`` listing the problems, storing nothing.
+    ``items``: the specs' numbers are positions in a Python list (``jobs[i]``), not lines."""
     try:
-        return await _ingest(db, path, specs, dry_run)
+        return await _ingest(db, path, specs, dry_run, listed=items)
     except _RollBack as done:
         return done.added
 
 
 async def _ingest(
-    db: Database, path: str, specs: Iterable[Spec | Problem], dry_run: bool
+    db: Database, path: str, specs: Iterable[Spec | Problem], dry_run: bool, *, listed: bool
 ) -> Added:
+    def first_at(line: int) -> str:
+        return f"first at {path}[{line}]" if listed else f"first on line {line}"
+
     problems: list[Problem] = []
     extra = 0
     staged = 0
@@ -98,7 +103,7 @@ async def _ingest(
             MAX_REPORTED,
         ):
             problems.append(
-                Problem(path, line, "id", f"duplicate id {job_id!r} (first on line {first})")
+                Problem(path, line, "id", f"duplicate id {job_id!r} ({first_at(first)})")
             )
         for line, job_id, old_line in await db.rows(
             f"SELECT s.line, s.id, j.line {changed} ORDER BY s.line LIMIT ?", MAX_REPORTED
@@ -116,6 +121,8 @@ async def _ingest(
             shown = len(problems) - before
             extra += max(0, int(dups) + int(changes) - shown)
             problems.sort(key=lambda p: p.line)
+            if listed:  # a Python list's item is named by its position, not a line
+                problems = [Problem(f"{path}[{p.line}]", 0, p.field, p.message) for p in problems]
             extra += max(0, len(problems) - MAX_REPORTED)
             raise InputError(problems[:MAX_REPORTED], extra)
         cur = await con.execute(

@@ -38,6 +38,8 @@ CHARS_PER_TOKEN = 3.5
 
 
 async def plan(batch: Batch, jobs: Jobs, exact: bool) -> dict[str, Any]:
+    from runner.batch import listed  # runner.batch imports this module
+
     specs, where = batch._specs(jobs)
     seen: list[Spec] = []
 
@@ -48,7 +50,7 @@ async def plan(batch: Batch, jobs: Jobs, exact: bool) -> dict[str, Any]:
             yield item
 
     async with _database(batch) as db:
-        added = await ingest.ingest(db, where, tally(specs), dry_run=True)
+        added = await ingest.ingest(db, where, tally(specs), dry_run=True, items=listed(jobs))
     models: dict[str, int] = {}
     chars: dict[str, int] = {}
     answers: dict[str, int] = {}

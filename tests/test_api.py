@@ -141,6 +141,25 @@ async def test_bad_input_raises_input_error_naming_the_item_and_field(tmp_path: 
     assert not (tmp_path / "bad.db").exists()  # nothing was stored
 
 
+async def test_items_that_are_not_json_raise_input_error_naming_the_item(tmp_path: Path) -> None:
+    # each was a raw TypeError or sqlite3.OperationalError; a duplicate said "jobs:1 ... line 0"
+    nan = {"prompt": "x", "jsonSchema": {"schema": {"a": float("nan")}}}
+    bad = [{"id": "x", "prompt": "a"}, {"id": "x", "prompt": "b"}, {"prompt": "x", "tools": [{"f": object()}]},
+           {1: 2, "prompt": "x"}, nan, {"prompt": "ok", "id": 10**5000}]  # fmt: skip
+    with pytest.raises(runner.InputError) as info:
+        await asyncio.to_thread(runner.run, bad, db=tmp_path / "bad.db", emulator=True)
+    shown = [str(p) for p in info.value.problems]
+    assert shown[0] == "jobs[1] [id]: duplicate id 'x' (first at jobs[0])"
+    assert shown[1].startswith("jobs[2] [tools]: is not JSON: Object of type object")
+    assert shown[2] == "jobs[3]: field names must be strings"
+    assert shown[3].startswith("jobs[4] [jsonSchema]: is not JSON: Out of range float")
+    assert shown[4] == "jobs[5] [id]: integer out of range; give it as a string"
+    with pytest.raises(runner.UsageError, match="a list of prompts or job objects, not one dict"):
+        await asyncio.to_thread(runner.run, {"id": "d1", "prompt": "x"}, db=tmp_path / "bad.db",
+                                emulator=True)  # fmt: skip
+    assert not (tmp_path / "bad.db").exists()  # nothing was stored
+
+
 async def test_refused_credentials_raise_credentials_error(make_emulator: Any, tmp_path: Path) -> None:
     e = await make_emulator(reject_tokens=frozenset({"stale"}))
     with pytest.raises(runner.CredentialsError, match="401"):
