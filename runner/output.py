@@ -122,9 +122,13 @@ def check_target(path: str, db_path: str, jobs_path: str | None = None) -> None:
     """Refuse output paths that would clobber the jobs file or the database, in one line."""
     if os.path.isdir(path):
         raise UsageError(f"-o {path}: is a directory")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f"-o {path}: not a regular file (a device, pipe or socket?)")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"-o {path}: directory {parent} does not exist")
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        raise UsageError(f"-o {path}: no permission to write it")
     if jobs_path and os.path.exists(path) and _same(path, jobs_path):
         raise UsageError(f"-o {path}: that is the jobs file; results go to a file of their own")
     for own in (db_path, db_path + "-wal", db_path + "-shm", db_path + ".lock"):
@@ -157,6 +161,7 @@ class OutputFile:
         # (last_seq, size, tail) as committed: only this run writes the record while it holds
         # the run lock, so it is kept here instead of read back before every append
         self._record: tuple[int, int, str] | None = None
+        self._moved_from: str | None = None  # the record's path, when the file was moved
 
     async def verify(self) -> tuple[int, int, str]:
         """Whether runner may write this file: (last_seq, size, tail) to continue from, or
@@ -168,6 +173,8 @@ class OutputFile:
         size = os.path.getsize(self.path) if os.path.exists(self.path) else -1
         if size <= 0:  # nothing there to lose: (re)built from the database
             return 0, 0, ""
+        if row is None:
+            row = await self._moved(size)
         if row is None:
             raise UsageError(
                 f"-o {self.path}: the file exists and runner has no record of writing it for "
@@ -203,6 +210,27 @@ class OutputFile:
             log.warning("%s: rebuilding it from the database", self.path)
             return 0, 0, ""
         return last_seq, recorded, tail
+
+    async def _moved(self, size: int) -> Any:
+        """The record of this file under the path it had before its directory was moved (or
+        renamed): a run output of the same name whose path is gone and whose recorded bytes
+        this file starts with (the fingerprint). The path is corrected when the file is opened."""
+        name = os.path.basename(self.key)
+        for row in await self.db.rows(
+            "SELECT path, last_seq, size, tail, kind, rebuild FROM outputs "
+            "WHERE kind = 'run' AND tail != '' AND size > 0 AND size <= ?",
+            size,
+        ):
+            old = str(row["path"])
+            if os.path.basename(old) != name or os.path.exists(old):
+                continue
+            found = await anyio.to_thread.run_sync(_fingerprint, self.path, int(row["size"]))
+            if found == row["tail"]:
+                self._moved_from = old
+                return await self.db.row(
+                    "SELECT last_seq, size, tail, kind, rebuild FROM outputs WHERE path = ?", old
+                )
+        return None
 
     async def _ours_past(self, last_seq: int, start: int, size: int) -> bool:
         """Whether the bytes past the committed length are a prefix of what runner writes next
@@ -247,6 +275,9 @@ class OutputFile:
         except OSError as e:
             raise _storage(self.path, e) from None
         async with self.db.transaction() as con:
+            if self._moved_from is not None:
+                log.warning("%s: runner wrote it as %s (moved since)", self.path, self._moved_from)
+                await con.execute("DELETE FROM outputs WHERE path = ?", (self._moved_from,))
             await con.execute(
                 "INSERT INTO outputs (path, last_seq, size, tail, kind, rebuild) "
                 "VALUES (?, ?, ?, ?, 'run', 0) ON CONFLICT (path) DO UPDATE SET "

@@ -253,6 +253,36 @@ def test_lines_added_by_hand_to_an_output_are_refused_not_cut(cwd: Path) -> None
     assert (cwd / "out.jsonl").read_bytes() == before
 
 
+def test_an_output_that_is_not_a_regular_file_is_refused_before_anything_is_stored(
+    cwd: Path,
+) -> None:
+    # -o /dev/null exited 5 after the jobs were stored (and left a 1 MiB rescue file)
+    make_jobs(cwd / "jobs.jsonl", 3)
+    r = CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator", "-o", "/dev/null"])
+    assert r.exit_code == 2 and "not a regular file" in r.output
+    assert sorted(p.name for p in cwd.iterdir()) == ["jobs.jsonl"]  # no database, no rescue file
+
+
+def test_a_moved_project_directory_resumes_with_the_same_command(
+    cwd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # outputs are recorded by absolute path: after `mv`, the same command was refused (exit 2)
+    (cwd / "a").mkdir()
+    monkeypatch.chdir(cwd / "a")
+    make_jobs(cwd / "a" / "jobs.jsonl", 3)
+    assert CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator", "-o", "out.jsonl"]).exit_code == 0
+    (cwd / "a").rename(cwd / "b")
+    monkeypatch.chdir(cwd / "b")
+    make_jobs(cwd / "b" / "jobs.jsonl", 5)  # two more jobs, appended to the same file
+    r = CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator", "-o", "out.jsonl"])
+    assert r.exit_code == 0, r.output
+    assert sorted(x["id"] for x in read_out(cwd / "b" / "out.jsonl")) == [f"j{i}" for i in range(5)]
+    with (cwd / "b" / "out.jsonl").open("a") as f:  # and it is still checked as runner's own
+        f.write('{"id": "mine"}\n')
+    r = CliRunner().invoke(cli, ["run", "--emulator", "-o", "out.jsonl"])
+    assert r.exit_code == 2 and "lines added by hand" in r.output
+
+
 def test_run_output_refuses_an_export_of_results(cwd: Path) -> None:
     # `run -o x.csv` turned a CSV export into JSONL
     make_jobs(cwd / "jobs.jsonl", 3)
