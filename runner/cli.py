@@ -247,7 +247,11 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
     if dry_run:
         return dump(result) if as_json else click.echo(display.plan(result, db))
     added, report = result
-    click.echo(display.summary(report.counts, report.this_run, added.added if added else 0, db), err=True)
+    if as_json:  # the summary's figures, on stdout
+        dump({"added": added.added if added else 0, "counts": report.counts,
+              "thisRun": report.this_run, "exitCode": report.exit_code})  # fmt: skip
+    else:
+        click.echo(display.summary(report.counts, report.this_run, added.added if added else 0, db), err=True)
     if report.interrupted:
         click.echo("interrupted: state is saved; run the same command to resume", err=True)
     sys.exit(report.exit_code)

@@ -52,6 +52,16 @@ def test_example_runs_on_the_emulator_without_credentials(
     assert len(read_out(cwd / "out.jsonl")) == n
 
 
+def test_run_json_prints_its_report_on_stdout(cwd: Path) -> None:
+    # `run --json` printed nothing on stdout (only --dry-run honoured it)
+    r = CliRunner().invoke(cli, ["run", EXAMPLE, "--emulator", "-o", "out.jsonl", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    n = len(read_out(cwd / "out.jsonl"))
+    assert data["added"] == n and data["counts"]["done"] == n and data["exitCode"] == 0
+    assert data["thisRun"]["submits"] >= n
+
+
 def test_results_export_csv_and_status_filter(cwd: Path) -> None:
     CliRunner().invoke(cli, ["run", EXAMPLE, "--emulator"])
     r = CliRunner().invoke(cli, ["results", "-o", "r.csv", "--format", "csv", "--status", "done"])
