@@ -137,7 +137,7 @@ def read_jobs(path: str, default_model: str) -> Iterator[Spec | Problem]:
                 yield Problem(path, number, "", f"invalid UTF-8 at byte {e.start}")
                 continue
             try:
-                obj = json.loads(text, parse_constant=_no_constant)
+                obj = _DECODER.decode(text)
             except json.JSONDecodeError as e:
                 hint = " (truncated line?)" if not raw.endswith(b"\n") else ""
                 what = e.msg.removesuffix(" at")
@@ -157,6 +157,11 @@ def read_jobs(path: str, default_model: str) -> Iterator[Spec | Problem]:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+# one decoder for every line (json.loads with an option builds a new one per call); NaN and
+# Infinity are not JSON, and SQLite's JSON functions refuse them once stored
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def spec_of(obj: Any, number: int, where: str, default_model: str) -> Spec | Problem:
