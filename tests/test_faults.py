@@ -108,6 +108,33 @@ async def test_a_gateways_504_after_the_operation_was_created_is_counted_as_ambi
     assert report.this_run["ambiguousSubmits"] == 6  # and every extra one is reported
 
 
+@pytest.mark.parametrize(
+    ("status", "page"),
+    [(502, {"message": "An invalid response was received from the upstream server"}),
+     (500, {"message": "Internal server error"}), (503, {"message": "failure to get a peer"}),
+     (502, {"code": 13, "message": "the service's shape, but a status it never sends"})],
+)  # fmt: skip
+async def test_a_gateways_json_5xx_after_the_operation_was_created_is_ambiguous(
+    make_emulator: Any, tmp_path: Path, status: int, page: dict[str, Any]
+) -> None:
+    # Kong and AWS API Gateway answer {"message": ...}: taken for the service's own error body
+    # ("created nothing"), so each job was paid twice and 0 ambiguous submits reported
+    e = await make_emulator()
+    seen: set[bytes] = set()
+
+    async def answer(request: web.Request, body: bytes, got: int) -> web.Response | None:
+        if request.path.endswith("/completionAsync") and got == 200 and body not in seen:
+            seen.add(body)
+            return web.json_response(page, status=status)
+        return None
+
+    async with gateway(e, answer) as url:
+        report = await run_against(None, tmp_path, jobs(tmp_path, 6), llm_url=url, operation_url=url,
+                                   settings=fast_settings(max_faults=5))  # fmt: skip
+    assert report.exit_code == 0 and e.stats["submits"] == 12
+    assert report.this_run["ambiguousSubmits"] == 6
+
+
 async def test_an_outage_of_slow_answers_is_probed_for_free_not_with_paid_submits(
     make_emulator: Any, tmp_path: Path
 ) -> None:
