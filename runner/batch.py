@@ -44,8 +44,8 @@ Jobs = str | os.PathLike[str] | Iterable[str | dict[str, Any]]
 def as_list(jobs: Iterable[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
     """The items of a Python list of jobs; ``UsageError`` for one job object (a dict iterates
     over its keys, which would run "id" and "prompt" as prompts)."""
-    if isinstance(jobs, Mapping | bytes):
-        raise UsageError(f"jobs: give a list of prompts or job objects, not one {type(jobs).__name__}")
+    if isinstance(jobs, Mapping | bytes) or not isinstance(jobs, Iterable):
+        raise UsageError(f"jobs: give a list of prompts or job objects, not {type(jobs).__name__}")
     return list(jobs)
 
 

@@ -391,8 +391,8 @@ def _options(value: Any) -> dict[str, Any]:
 
 def _positive_int(value: Any, field: str) -> int:
     # int64 fields arrive as numbers or as decimal strings (proto3 JSON); accept both
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
-        value = int(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 4000:
+        value = int(value)  # leading zeros included ("0100"); 4,000 digits is int()'s safe side
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 63:
         raise _Bad(field, f"must be a positive integer, got {value!r}")
     return value

@@ -154,7 +154,7 @@ async def test_items_that_are_not_json_raise_input_error_naming_the_item(tmp_pat
     assert shown[2] == "jobs[3]: field names must be strings"
     assert shown[3].startswith("jobs[4] [jsonSchema]: is not JSON: Out of range float")
     assert shown[4] == "jobs[5] [id]: integer out of range; give it as a string"
-    with pytest.raises(runner.UsageError, match="a list of prompts or job objects, not one dict"):
+    with pytest.raises(runner.UsageError, match="a list of prompts or job objects, not dict"):
         await asyncio.to_thread(runner.run, {"id": "d1", "prompt": "x"}, db=tmp_path / "bad.db",
                                 emulator=True)  # fmt: skip
     assert not (tmp_path / "bad.db").exists()  # nothing was stored

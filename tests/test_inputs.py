@@ -64,6 +64,12 @@ def test_raw_body_shape_keeps_its_model_uri(tmp_path: Path) -> None:
     assert body(spec)["completionOptions"]["maxTokens"] == "2000"
 
 
+def test_max_tokens_as_a_string_with_leading_zeros_is_its_value(tmp_path: Path) -> None:
+    # a first fix of issue 11 session 5 capped the string's length and refused this valid 100
+    [spec] = parse(tmp_path, '{"prompt": "p", "completionOptions": {"maxTokens": "0000000000000000000100"}}')
+    assert body(spec)["completionOptions"]["maxTokens"] == "100"
+
+
 def test_same_job_serialises_identically(tmp_path: Path) -> None:
     a, b = parse(
         tmp_path,
