@@ -120,11 +120,11 @@ def _same(a: str, b: str) -> bool:
 
 def check_target(path: str, db_path: str, jobs_path: str | None = None) -> None:
     """Refuse output paths that would clobber the jobs file or the database, in one line."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UsageError(f"-o {path}: is a directory")
     if os.path.exists(path) and not os.path.isfile(path):
         raise UsageError(f"-o {path}: not a regular file (a device, pipe or socket?)")
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(os.path.realpath(path))  # a symbolic link's target's directory
     if not os.path.isdir(parent):
         raise UsageError(f"-o {path}: directory {parent} does not exist")
     if not os.access(path if os.path.exists(path) else parent, os.W_OK):
@@ -203,8 +203,9 @@ class OutputFile:
         ):
             raise UsageError(
                 f"-o {self.path}: {size - recorded} bytes after the last line runner committed "
-                "are not what runner writes (lines added by hand?); move them or the file away, "
-                "then rerun"
+                "are not what runner writes (lines added by hand? or, after `runner retry`, a "
+                "write a crash cut short before it); move them or the file away, then rerun: "
+                "every result is in the database and a new file is written in full"
             )
         if row["rebuild"]:
             log.warning("%s: rebuilding it from the database", self.path)

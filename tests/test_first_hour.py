@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -249,7 +250,7 @@ def test_lines_added_by_hand_to_an_output_are_refused_not_cut(cwd: Path) -> None
         f.write('{"id": "mine", "note": "my own line"}\n')
     before = (cwd / "out.jsonl").read_bytes()
     r = CliRunner().invoke(cli, ["run", "--emulator", "-o", "out.jsonl"])
-    assert r.exit_code == 2 and "not what runner writes (lines added by hand?)" in r.output
+    assert r.exit_code == 2 and "not what runner writes (lines added by hand?" in r.output
     assert (cwd / "out.jsonl").read_bytes() == before
 
 
@@ -261,6 +262,11 @@ def test_an_output_that_is_not_a_regular_file_is_refused_before_anything_is_stor
     r = CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator", "-o", "/dev/null"])
     assert r.exit_code == 2 and "not a regular file" in r.output
     assert sorted(p.name for p in cwd.iterdir()) == ["jobs.jsonl"]  # no database, no rescue file
+    os.symlink(cwd / "gone" / "out.jsonl", cwd / "dangling.jsonl")  # its target's directory is gone
+    for target, said in (("dangling.jsonl", "does not exist"), ("nodir/", "is a directory")):
+        r = CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator", "-o", target])
+        assert r.exit_code == 2 and said in r.output, r.output
+    assert sorted(p.name for p in cwd.iterdir()) == ["dangling.jsonl", "jobs.jsonl"]
 
 
 def test_a_moved_project_directory_resumes_with_the_same_command(

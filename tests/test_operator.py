@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import cli
-from tests.conftest import read_out
+from tests.conftest import read_out, uncommit_last_line
 from tests.procs import (
     child_env,
     emulator_process,
@@ -120,7 +120,7 @@ def test_retry_then_run_refuses_lines_added_by_hand_to_the_output(cwd: Path) -> 
     with emulator_process() as url:
         code, out = invoke(url, "run", "-o", "out.jsonl")
         assert emulator_stats(url).get("submits", 0) == 0  # refused before sending
-    assert code == 2 and "not what runner writes (lines added by hand?)" in out
+    assert code == 2 and "not what runner writes (lines added by hand?" in out
     assert (cwd / "out.jsonl").read_bytes() == before
     (cwd / "out.jsonl").write_bytes(before[: before.index(b'{"id": "mine"')])  # taken out again
     with emulator_process() as url:
@@ -129,6 +129,26 @@ def test_retry_then_run_refuses_lines_added_by_hand_to_the_output(cwd: Path) -> 
     out_lines = read_out(cwd / "out.jsonl")  # rebuilt: one line per job, the new answers
     assert sorted(r["id"] for r in out_lines) == ["j0", "j1", "j2"]
     assert all(r["status"] == "done" for r in out_lines)
+
+
+def test_a_crash_tail_then_retry_is_refused_saying_so_and_moving_it_away_rebuilds(
+    cwd: Path,
+) -> None:
+    # a kill after an append was synced but before its record committed, then `retry` of the
+    # job it wrote: the tail is runner's, but no longer what it writes; the refusal blamed the
+    # user ("lines added by hand?") alone
+    make_jobs(cwd / "jobs.jsonl", 3)
+    with emulator_process("--op-error-rate", "1") as url:
+        assert invoke(url, "run", "jobs.jsonl", "-o", "out.jsonl")[0] == 1
+    line = (cwd / "out.jsonl").read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    uncommit_last_line(cwd / "runner.db", cwd / "out.jsonl", keep=len(line) + 1)
+    assert json.loads(CliRunner().invoke(cli, ["retry", "--json"]).output) == {"moved": 3}
+    with emulator_process() as url:
+        code, out = invoke(url, "run", "-o", "out.jsonl")
+        assert code == 2 and "after `runner retry`, a write a crash cut short" in out
+        (cwd / "out.jsonl").rename(cwd / "old.jsonl")
+        assert invoke(url, "run", "-o", "out.jsonl")[0] == 0
+    assert sorted(r["id"] for r in read_out(cwd / "out.jsonl")) == ["j0", "j1", "j2"]
 
 
 def test_cancel_pending_only(cwd: Path) -> None:
