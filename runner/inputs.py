@@ -152,6 +152,9 @@ def read_jobs(path: str, default_model: str) -> Iterator[Spec | Problem]:
             except ValueError as e:  # an integer of thousands of digits, NaN, Infinity
                 yield Problem(path, number, "", f"not valid JSON here: {str(e).split(';')[0]}")
                 continue
+            if isinstance(obj, str):  # a prompt string is for the Python API; a line is an object
+                yield Problem(path, number, "", 'expected a JSON object, got a string: {"prompt": ...}')
+                continue
             yield spec_of(obj, number, path, default_model)
 
 

@@ -82,6 +82,7 @@ def test_same_job_serialises_identically(tmp_path: Path) -> None:
 BAD = [
     ("not json", "{oops", "", "not valid JSON"),
     ("array", "[1, 2]", "", "expected a JSON object"),
+    ("string", '"a prompt alone"', "", "expected a JSON object, got a string"),
     ("missing prompt", '{"id": "a"}', "prompt", "missing"),
     ("empty messages", '{"messages": []}', "messages", "must not be empty"),
     ("unknown role", '{"messages": [{"role": "bot", "text": "x"}]}', "messages[0].role", "must be one of"),
