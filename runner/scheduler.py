@@ -10,9 +10,9 @@ operations submitted before this run started. Every outcome names its attempt an
 
 Failures go through one breaker per endpoint family (``breaker``): an outage pauses the family
 and probes it, charges no job and fails none, and ``max_outage`` (if set) ends the run with
-``OutageError``. A submit probe goes only after the free tokenizer answers: a probe that times
-out may still have created a billed operation. A job's own failures (a malformed answer; a transient one while later requests
-succeed) spend its budget. 401/403, and a 404 for an operation too young to have expired, stop
+``OutageError``. Once two probe submits of an outage were lost after sending (they may have
+created billed operations), the next goes only after the free tokenizer answers. A job's own
+failures (a malformed answer; a transient one while later requests succeed) spend its budget. 401/403, and a 404 for an operation too young to have expired, stop
 the run with ``CredentialsError``; state stays committed and the next run resumes.
 """
 
@@ -53,6 +53,7 @@ from runner.polling import PollPolicy
 from runner.queue import Applied, Queue
 from runner.writer import Writer
 
+PAID_PROBES = 2  # probe submits an outage may lose (maybe paid) before the tokenizer must answer
 log = logging.getLogger("runner.scheduler")
 RETENTION = 3 * 24 * 3600.0  # the server keeps results 3 days
 
@@ -124,6 +125,7 @@ class Scheduler:
         self._outage_since: dict[str, float] = {}
         self._work_changed = anyio.Event()
         self._in_hand = 0  # claimed jobs the submitter holds, not sent yet
+        self._lost_probes = 0  # probe submits of this outage whose answer was lost (maybe paid)
         self._batch_sent = anyio.Event()  # set each time the submitter is done with a batch
         self.done = anyio.Event()
         self.started = time.time()
@@ -273,10 +275,14 @@ class Scheduler:
                         continue
                 was_open = breaker.is_open
                 await self.gate("submit")
-                if breaker.is_open and not await self._service_up():
-                    # the probe's turn and the free tokenizer is not answering either: a submit
-                    # now would most likely time out too, after it may have created a (billed)
-                    # operation, every probe of an outage that only slow answers make
+                if not breaker.is_open:
+                    self._lost_probes = 0
+                elif self._lost_probes >= PAID_PROBES and not await self._service_up():
+                    # probe submits of this outage timed out after they may have created a
+                    # (billed) operation, and the free tokenizer is not answering either: the
+                    # next would most likely do the same, so it waits for the tokenizer. (Not
+                    # from the first probe: an outage of the tokenizer alone would then hold
+                    # submitting back although completionAsync is up again.)
                     breaker.probe_failed(anyio.current_time())
                     continue
                 pace = int(self.submit_pacer.rate * 0.1)
@@ -387,6 +393,7 @@ class Scheduler:
                     verdict = "job"
                 else:
                     breaker.probe_failed(anyio.current_time())
+                    self._lost_probes += e.maybe_created
                     verdict = "outage"
             elif verdict == "repeat":
                 earlier = breaker.suspects.pop(a.rowid)

@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from runner.errors import CredentialsError, OutageError
+from runner.scheduler import PAID_PROBES
 from tests.conftest import db_rows, fast_settings, read_out, run_against, write_jobs
 
 pytestmark = pytest.mark.anyio
@@ -91,7 +92,9 @@ async def gateway(e: Any, answer: Answer) -> AsyncIterator[str]:
     [(504, {"code": 4, "message": "upstream request timeout"}),
      (502, {"message": "An invalid response was received from the upstream server"}),
      (500, {"message": "Internal server error"}), (503, {"message": "failure to get a peer"}),
-     (502, {"code": 13, "message": "the service's shape, but a status it never sends"})],
+     (502, {"code": 13, "message": "the service's shape, but a status it never sends"}),
+     (503, {"code": 503, "message": "an HTTP status, not a gRPC code"}),
+     (500, {"error": {"code": 500, "message": "Internal error", "status": "INTERNAL"}})],
 )  # fmt: skip
 async def test_a_gateways_json_5xx_after_the_operation_was_created_is_ambiguous(
     make_emulator: Any, tmp_path: Path, status: int, page: dict[str, Any]
@@ -120,7 +123,8 @@ async def test_an_outage_of_slow_answers_is_probed_for_free_not_with_paid_submit
     make_emulator: Any, tmp_path: Path
 ) -> None:
     # every answer comes after the request timeout, though each submit creates its operation:
-    # the breaker opened, and each probe (a real submit) created one more billed operation
+    # the breaker opened, and each probe (a real submit) created one more billed operation;
+    # now two may, then the probe waits for the free tokenizer
     e = await make_emulator()
     created_while_open: list[int] = []
     opened = anyio.Event()
@@ -143,9 +147,30 @@ async def test_an_outage_of_slow_answers_is_probed_for_free_not_with_paid_submit
         with pytest.raises(OutageError):
             await run_against(None, tmp_path, jobs(tmp_path, 4), llm_url=url, operation_url=url,
                               request_timeout=0.2,
-                              settings=fast_settings(max_outage=3.0, submit_rps=5.0))  # fmt: skip
+                              settings=fast_settings(max_outage=5.0, submit_rps=5.0))  # fmt: skip
     assert opened.is_set() and e.stats["tokenize"] > 0  # probed, with the tokenizer
-    assert created_while_open == []  # and no submit went while it was open
+    assert len(created_while_open) <= PAID_PROBES  # and no more submits while it was open
+
+
+async def test_submitting_resumes_when_only_the_tokenizer_stays_down(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    # the tokenizer-first probe (69c6939) held submitting back for good once the tokenizer
+    # alone was down, although completionAsync was answering again (review)
+    e = await make_emulator()
+    started = anyio.current_time()
+
+    async def answer(request: web.Request, body: bytes, status: int) -> web.Response | None:
+        down = request.path.endswith("/tokenizeCompletion") or anyio.current_time() - started < 1.0
+        if down and not request.path.startswith("/operations"):
+            return web.json_response({"code": 14, "message": "unavailable"}, status=503)
+        return None
+
+    async with gateway(e, answer) as url:
+        with anyio.fail_after(30):
+            report = await run_against(None, tmp_path, jobs(tmp_path, 6), llm_url=url, operation_url=url,
+                                       settings=fast_settings(max_faults=5))  # fmt: skip
+    assert report.exit_code == 0 and len(all_done(tmp_path, 6)) == 6
 
 
 async def test_a_malformed_answer_is_the_jobs_fault_and_fails_it_after_its_budget(
