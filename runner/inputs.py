@@ -307,9 +307,10 @@ def parse_job(obj: Any, line: int, default_model: str) -> tuple[str, dict[str, A
     tools = body.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise _Bad("tools", "must be a list of objects")
-    if "toolChoice" in body and not isinstance(body["toolChoice"], dict):
+    # null is passed on as given, as for tools (the API reads it as not set)
+    if body.get("toolChoice") is not None and not isinstance(body["toolChoice"], dict):
         raise _Bad("toolChoice", "must be an object")
-    if "parallelToolCalls" in body and not isinstance(body["parallelToolCalls"], bool):
+    if body.get("parallelToolCalls") is not None and not isinstance(body["parallelToolCalls"], bool):
         raise _Bad("parallelToolCalls", "must be true or false")
     return job_id, body
 
@@ -394,7 +395,7 @@ def _options(value: Any) -> dict[str, Any]:
 
 def _positive_int(value: Any, field: str) -> int:
     # int64 fields arrive as numbers or as decimal strings (proto3 JSON); accept both
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 4000:
+    if isinstance(value, str) and value.isdecimal() and len(value) <= 4000:
         value = int(value)  # leading zeros included ("0100"); 4,000 digits is int()'s safe side
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 63:
         raise _Bad(field, f"must be a positive integer, got {value!r}")

@@ -122,17 +122,27 @@ def check_target(path: str, db_path: str, jobs_path: str | None = None) -> None:
     """Refuse output paths that would clobber the jobs file or the database, in one line."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UsageError(f"-o {path}: is a directory")
+    try:
+        os.stat(path)  # as the system will open it: a link loop, a name too long ...
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise UsageError(f"-o {path}: {e.strerror}") from None
     if os.path.exists(path) and not os.path.isfile(path):
         raise UsageError(f"-o {path}: not a regular file (a device, pipe or socket?)")
-    parent = os.path.dirname(os.path.realpath(path))  # a symbolic link's target's directory
-    if not os.path.isdir(parent):
-        raise UsageError(f"-o {path}: directory {parent} does not exist")
+    # the directory as written ("nodir/../x" needs nodir) and a link's target's directory
+    for parent in (os.path.dirname(path) or ".", os.path.dirname(os.path.realpath(path))):
+        if not os.path.isdir(parent):
+            raise UsageError(f"-o {path}: directory {parent} does not exist")
     if not os.access(path if os.path.exists(path) else parent, os.W_OK):
         raise UsageError(f"-o {path}: no permission to write it")
     if jobs_path and os.path.exists(path) and _same(path, jobs_path):
         raise UsageError(f"-o {path}: that is the jobs file; results go to a file of their own")
-    for own in (db_path, db_path + "-wal", db_path + "-shm", db_path + ".lock"):
-        if os.path.exists(path) and os.path.exists(own) and _same(path, own):
+    for suffix in ("", "-wal", "-shm", ".lock", ".emulator", ".rescue"):
+        own = db_path + suffix
+        if os.path.realpath(path) == os.path.realpath(own) or (
+            os.path.exists(path) and os.path.exists(own) and _same(path, own)
+        ):
             raise UsageError(f"-o {path}: that is runner's own database file")
 
 

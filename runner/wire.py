@@ -64,8 +64,9 @@ def parse_error(status: int, text: str) -> tuple[int, str, bool]:
         code = inner.get("grpcCode", inner.get("code"))
         message = inner.get("message")
         if isinstance(message, str):
-            # the service's shapes carry a gRPC code; {"message": ...} alone is a gateway's
-            ok = isinstance(code, int) and not isinstance(code, bool)
+            # the service's shapes carry a gRPC code (0-16); {"message": ...} alone, or an HTTP
+            # status in "code" ({"code": 503, ...}), is a gateway's
+            ok = isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 16
             return (code if ok else GRPC_OF_HTTP.get(status, 2)), message, ok
     tail = snippet(text)
     return GRPC_OF_HTTP.get(status, 2), f"HTTP {status}" + (f": {tail}" if tail else ""), False
@@ -76,9 +77,10 @@ def maybe_done(status: int, code: int, shaped: bool) -> bool:
     submit: an operation created and billed; docs/api.md, sections 3 and 6): a deadline that
     passed (504, DEADLINE_EXCEEDED) after the request went in, or a 5xx that is not the
     service's own error body, from a gateway that may have passed the request on. The service's
-    own 500 and 503 did nothing (an internal error is not charged); a 502, or any other 5xx
-    the service does not send, is a gateway's whatever its body."""
-    return status == 504 or code == 4 or (status >= 500 and not (shaped and status in (500, 503)))
+    own 500, 501 and 503 did nothing (an internal error is not charged); a 502, or any other
+    5xx the service does not send, is a gateway's whatever its body."""
+    own = shaped and status in (500, 501, 503)
+    return status == 504 or code == 4 or (status >= 500 and not own)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -263,10 +263,14 @@ def test_an_output_that_is_not_a_regular_file_is_refused_before_anything_is_stor
     assert r.exit_code == 2 and "not a regular file" in r.output
     assert sorted(p.name for p in cwd.iterdir()) == ["jobs.jsonl"]  # no database, no rescue file
     os.symlink(cwd / "gone" / "out.jsonl", cwd / "dangling.jsonl")  # its target's directory is gone
-    for target, said in (("dangling.jsonl", "does not exist"), ("nodir/", "is a directory")):
+    os.symlink(cwd / "loop.jsonl", cwd / "loop.jsonl")
+    for target, said in (("dangling.jsonl", "does not exist"), ("nodir/", "is a directory"),
+                         ("nodir/../o.jsonl", "does not exist"), ("jobs.jsonl/../o.jsonl", "Not a directory"),
+                         ("loop.jsonl", "Too many levels"), ("x" * 300, "File name too long"),
+                         ("runner.db.rescue", "runner's own"), ("runner.db.emulator", "runner's own")):  # fmt: skip
         r = CliRunner().invoke(cli, ["run", "jobs.jsonl", "--emulator", "-o", target])
-        assert r.exit_code == 2 and said in r.output, r.output
-    assert sorted(p.name for p in cwd.iterdir()) == ["dangling.jsonl", "jobs.jsonl"]
+        assert r.exit_code == 2 and said in r.output, (target, r.output)
+    assert sorted(p.name for p in cwd.iterdir()) == ["dangling.jsonl", "jobs.jsonl", "loop.jsonl"]
 
 
 def test_a_moved_project_directory_resumes_with_the_same_command(

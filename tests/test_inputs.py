@@ -68,6 +68,11 @@ def test_max_tokens_as_a_string_with_leading_zeros_is_its_value(tmp_path: Path) 
     # a first fix of issue 11 session 5 capped the string's length and refused this valid 100
     [spec] = parse(tmp_path, '{"prompt": "p", "completionOptions": {"maxTokens": "0000000000000000000100"}}')
     assert body(spec)["completionOptions"]["maxTokens"] == "100"
+    # what an earlier version accepted and sent is still accepted (its batches resume)
+    [arabic, nulls] = parse(tmp_path, '{"prompt": "p", "completionOptions": {"maxTokens": "\u0661\u0660\u0660"}}',
+                            '{"prompt": "p", "toolChoice": null, "parallelToolCalls": null}')  # fmt: skip
+    assert body(arabic)["completionOptions"]["maxTokens"] == "100"
+    assert body(nulls)["toolChoice"] is None and body(nulls)["parallelToolCalls"] is None
 
 
 def test_same_job_serialises_identically(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from runner.pacing import Pacer
 from runner.wire import (
     Malformed,
     classify,
+    maybe_done,
     parse_completion,
     parse_error,
     parse_operation,
@@ -198,6 +199,9 @@ def test_both_error_shapes_parse() -> None:
     assert parse_error(502, "<html>bad gateway</html>") == (
         2, "HTTP 502: <html>bad gateway</html>", False,
     )  # fmt: skip
+    assert parse_error(503, '{"code": 503, "message": "Service Unavailable"}')[2] is False
+    assert not maybe_done(501, 12, True) and not maybe_done(503, 14, True)  # the service's own
+    assert maybe_done(503, 14, False) and maybe_done(502, 13, True) and maybe_done(504, 4, True)
     assert classify(429, 8) == "rate" and classify(400, 3) == "invalid"
     assert classify(503, 14) == "transient" and classify(404, 5) == "not_found"
     assert classify(403, 7) == "forbidden" and classify(401, 16) == "auth"
