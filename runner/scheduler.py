@@ -10,10 +10,11 @@ operations submitted before this run started. Every outcome names its attempt an
 
 Failures go through one breaker per endpoint family (``breaker``): an outage pauses the family
 and probes it, charges no job and fails none, and ``max_outage`` (if set) ends the run with
-``OutageError``. Once two probe submits of an outage were lost after sending (they may have
-created billed operations), the next goes only after the free tokenizer answers. A job's own
-failures (a malformed answer; a transient one while later requests succeed) spend its budget. 401/403, and a 404 for an operation too young to have expired, stop
-the run with ``CredentialsError``; state stays committed and the next run resumes.
+``OutageError``. Once five submits in a row were lost after sending (each may have created a
+billed operation), a probe goes only after the free tokenizer answers, or 10 minutes later. A job's
+own failures (a malformed answer; a transient one while later requests succeed) spend its
+budget. 401/403, and a 404 for an operation too young to have expired, stop the run with
+``CredentialsError``; state stays committed and the next run resumes.
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ from runner.polling import PollPolicy
 from runner.queue import Applied, Queue
 from runner.writer import Writer
 
-PAID_PROBES = 2  # probe submits an outage may lose (maybe paid) before the tokenizer must answer
+# submits in a row (no success between them) whose answers were lost after sending, so that
+# each may have created a billed operation, before a probe of an outage waits for the free
+# tokenizer to answer, or for ``Settings.paid_probe_every`` seconds since the last one lost:
+# the three that open the breaker and two probes
+LOST_SUBMITS = 5
 log = logging.getLogger("runner.scheduler")
 RETENTION = 3 * 24 * 3600.0  # the server keeps results 3 days
 
@@ -77,6 +82,7 @@ class Settings:
     max_outage: float | None = None
     probe_first: float = 1.0
     probe_max: float = 120.0
+    paid_probe_every: float = 600.0  # see LOST_SUBMITS
     context_budget: int = 32768  # tokens a chat's next turn may need (history + answer)
     storage_patience: float = 60.0  # seconds of failing commits before the run stops
     batch_window: float = 0.02  # an operation id (or sync answer) is committed this soon
@@ -125,7 +131,9 @@ class Scheduler:
         self._outage_since: dict[str, float] = {}
         self._work_changed = anyio.Event()
         self._in_hand = 0  # claimed jobs the submitter holds, not sent yet
-        self._lost_probes = 0  # probe submits of this outage whose answer was lost (maybe paid)
+        # submits lost after sending (maybe paid) since one last succeeded, and when the last
+        # was: a 429 closing the breaker between them does not start a new count
+        self._lost, self._lost_at = 0, -math.inf
         self._batch_sent = anyio.Event()  # set each time the submitter is done with a batch
         self.done = anyio.Event()
         self.started = time.time()
@@ -275,14 +283,15 @@ class Scheduler:
                         continue
                 was_open = breaker.is_open
                 await self.gate("submit")
-                if not breaker.is_open:
-                    self._lost_probes = 0
-                elif self._lost_probes >= PAID_PROBES and not await self._service_up():
-                    # probe submits of this outage timed out after they may have created a
-                    # (billed) operation, and the free tokenizer is not answering either: the
-                    # next would most likely do the same, so it waits for the tokenizer. (Not
-                    # from the first probe: an outage of the tokenizer alone would then hold
-                    # submitting back although completionAsync is up again.)
+                if (
+                    breaker.is_open and self._lost >= LOST_SUBMITS
+                    and anyio.current_time() - self._lost_at < self.s.paid_probe_every
+                    and not await self._service_up()
+                ):  # fmt: skip
+                    # probe submits timed out after they may have created (billed) operations,
+                    # and the free tokenizer is not answering either: the next would most
+                    # likely do the same, so it waits for the tokenizer, or goes once in 10
+                    # minutes (the tokenizer alone may be down while completionAsync is up)
                     breaker.probe_failed(anyio.current_time())
                     continue
                 pace = int(self.submit_pacer.rate * 0.1)
@@ -342,6 +351,7 @@ class Scheduler:
             self.writer.emit(Requeued(a, 0.0))
             raise
         _, proven = breaker.success(sent, a.rowid)
+        self._lost = 0
         self.submit_pacer.accepted(stamp)
         self.noted("submit", was_open)
         for s in proven:
@@ -360,6 +370,8 @@ class Scheduler:
         log.debug("submit of %s failed (%s): %s", claim.id, e.kind, e.message)
         if not e.maybe_created:
             self.submit_pacer.refund(stamp)  # nothing was accepted: it does not use the quota
+        else:
+            self._lost, self._lost_at = self._lost + 1, anyio.current_time()
         if e.kind != "transient":
             self.breakers["submit"].answered()  # the service is reachable: no outage
         if e.kind == "rate":
@@ -393,7 +405,6 @@ class Scheduler:
                     verdict = "job"
                 else:
                     breaker.probe_failed(anyio.current_time())
-                    self._lost_probes += e.maybe_created
                     verdict = "outage"
             elif verdict == "repeat":
                 earlier = breaker.suspects.pop(a.rowid)

@@ -15,7 +15,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from runner.errors import CredentialsError, OutageError
-from runner.scheduler import PAID_PROBES
 from tests.conftest import db_rows, fast_settings, read_out, run_against, write_jobs
 
 pytestmark = pytest.mark.anyio
@@ -149,7 +148,35 @@ async def test_an_outage_of_slow_answers_is_probed_for_free_not_with_paid_submit
                               request_timeout=0.2,
                               settings=fast_settings(max_outage=5.0, submit_rps=5.0))  # fmt: skip
     assert opened.is_set() and e.stats["tokenize"] > 0  # probed, with the tokenizer
-    assert len(created_while_open) <= PAID_PROBES  # and no more submits while it was open
+    assert len(created_while_open) <= 2  # two probes; no more submits while it was open
+
+
+async def test_429s_between_lost_probes_do_not_restart_their_count(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    # review of 982892b: every submit creates its operation and gets a gateway's 504 page, one
+    # in four a 429 instead, which closes the breaker: the count of lost probes restarted each
+    # time and the outage created operations without end (65 in 30 s); --max-outage never fired
+    e = await make_emulator()
+    sent = 0
+
+    async def answer(request: web.Request, body: bytes, status: int) -> web.Response | None:
+        nonlocal sent
+        if request.path.endswith("/tokenizeCompletion"):
+            return web.json_response({"code": 14, "message": "unavailable"}, status=503)
+        if request.path.endswith("/completionAsync"):
+            sent += 1
+            if sent % 4 == 0:
+                return web.json_response({"code": 8, "message": "too many"}, status=429,
+                                         headers={"Retry-After": "1"})  # fmt: skip
+            return web.Response(text="<html>504 Gateway Time-out</html>", status=504, content_type="text/html")
+        return None
+
+    async with gateway(e, answer) as url:
+        with anyio.fail_after(30), pytest.raises(OutageError):
+            await run_against(None, tmp_path, jobs(tmp_path, 20), llm_url=url, operation_url=url,
+                              settings=fast_settings(submit_rps=20.0, max_outage=3.0))  # fmt: skip
+    assert e.stats["submits"] <= 12  # the first trip's, two probes, one 429's bounce
 
 
 async def test_submitting_resumes_when_only_the_tokenizer_stays_down(
@@ -170,6 +197,30 @@ async def test_submitting_resumes_when_only_the_tokenizer_stays_down(
         with anyio.fail_after(30):
             report = await run_against(None, tmp_path, jobs(tmp_path, 6), llm_url=url, operation_url=url,
                                        settings=fast_settings(max_faults=5))  # fmt: skip
+    assert report.exit_code == 0 and len(all_done(tmp_path, 6)) == 6
+
+
+async def test_after_two_lost_probes_a_probe_still_goes_now_and_then_without_the_tokenizer(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    # review of 982892b: submits answered after the timeout for 1.5 s (operations created), the
+    # tokenizer down for good: after two lost probes, no submit went again and the run hung
+    # although completionAsync answered from then on
+    e = await make_emulator()
+    started = anyio.current_time()
+
+    async def answer(request: web.Request, body: bytes, status: int) -> web.Response | None:
+        if request.path.endswith("/tokenizeCompletion"):
+            return web.json_response({"code": 14, "message": "unavailable"}, status=503)
+        if request.path.endswith("/completionAsync") and anyio.current_time() - started < 1.5:
+            await anyio.sleep(0.5)
+        return None
+
+    async with gateway(e, answer) as url:
+        with anyio.fail_after(30):
+            report = await run_against(None, tmp_path, jobs(tmp_path, 6), llm_url=url, operation_url=url,
+                                       request_timeout=0.2,
+                                       settings=fast_settings(max_faults=5, paid_probe_every=1.0))  # fmt: skip
     assert report.exit_code == 0 and len(all_done(tmp_path, 6)) == 6
 
 
