@@ -11,7 +11,7 @@ operations submitted before this run started. Every outcome names its attempt an
 Failures go through one breaker per endpoint family (``breaker``): an outage pauses the family
 and probes it, charges no job and fails none, and ``max_outage`` (if set) ends the run with
 ``OutageError``. Once five submits in a row were lost after sending (each may have created a
-billed operation), a probe goes only after the free tokenizer answers, or 10 minutes later. A job's
+billed operation), one goes at a time, 10 minutes after the last lost, until one succeeds. A job's
 own failures (a malformed answer; a transient one while later requests succeed) spend its
 budget. 401/403, and a 404 for an operation too young to have expired, stop the run with
 ``CredentialsError``; state stays committed and the next run resumes.
@@ -55,9 +55,10 @@ from runner.queue import Applied, Queue
 from runner.writer import Writer
 
 # submits in a row (no success between them) whose answers were lost after sending, so that
-# each may have created a billed operation, before a probe of an outage waits for the free
-# tokenizer to answer, or for ``Settings.paid_probe_every`` seconds since the last one lost:
-# the three that open the breaker and two probes
+# each may have created a billed operation, after which one submit at a time goes, each
+# ``Settings.paid_probe_every`` seconds after the last one lost, until one succeeds, whatever
+# the breaker or the tokenizer say (a 429 closing the breaker, or a tokenizer that answers
+# while completionAsync creates and times out, let them through before)
 LOST_SUBMITS = 5
 log = logging.getLogger("runner.scheduler")
 RETENTION = 3 * 24 * 3600.0  # the server keeps results 3 days
@@ -133,7 +134,7 @@ class Scheduler:
         self._in_hand = 0  # claimed jobs the submitter holds, not sent yet
         # submits lost after sending (maybe paid) since one last succeeded, and when the last
         # was: a 429 closing the breaker between them does not start a new count
-        self._lost, self._lost_at = 0, -math.inf
+        self._lost, self._lost_at, self._lost_since = 0, -math.inf, -math.inf
         self._batch_sent = anyio.Event()  # set each time the submitter is done with a batch
         self.done = anyio.Event()
         self.started = time.time()
@@ -215,6 +216,13 @@ class Scheduler:
                 state = [o.__dict__ | {"next_try_at": time.time() + o.next_try_in} for o in outages]
                 with contextlib.suppress(sqlite3.Error):  # a display, never a reason to stop
                     await self.queue.db.set_state("outage", state or None)
+            if (self.s.max_outage is not None and self._lost >= LOST_SUBMITS
+                    and now - self._lost_since > self.s.max_outage):  # fmt: skip
+                raise OutageError(
+                    f"submits have lost their answers for {now - self._lost_since:.0f} s (each "
+                    "may have created a billed operation), longer than --max-outage; state is "
+                    "saved, rerun to resume"
+                )
             for family, b in self.breakers.items():
                 if self.s.max_outage is not None and b.open_for(now) > self.s.max_outage:
                     raise OutageError(
@@ -281,21 +289,14 @@ class Scheduler:
                     if next_at is None or next_at > time.time():
                         await self._wait_for_work(next_at)
                         continue
+                lost = self._lost >= LOST_SUBMITS
+                if lost and (wait := self._lost_at + self.s.paid_probe_every - anyio.current_time()) > 0:
+                    await anyio.sleep(min(wait, 1.0))  # a success elsewhere ends it sooner
+                    continue
                 was_open = breaker.is_open
                 await self.gate("submit")
-                if (
-                    breaker.is_open and self._lost >= LOST_SUBMITS
-                    and anyio.current_time() - self._lost_at < self.s.paid_probe_every
-                    and not await self._service_up()
-                ):  # fmt: skip
-                    # probe submits timed out after they may have created (billed) operations,
-                    # and the free tokenizer is not answering either: the next would most
-                    # likely do the same, so it waits for the tokenizer, or goes once in 10
-                    # minutes (the tokenizer alone may be down while completionAsync is up)
-                    breaker.probe_failed(anyio.current_time())
-                    continue
                 pace = int(self.submit_pacer.rate * 0.1)
-                batch = 1 if breaker.is_open else max(1, min(most, pace))
+                batch = 1 if breaker.is_open or lost else max(1, min(most, pace))
                 sent, room = self._batch_sent, await self.submit_pacer.room()
                 if 0 < self._in_hand >= room:  # what is in hand takes what room there is
                     await sent.wait()
@@ -372,6 +373,11 @@ class Scheduler:
             self.submit_pacer.refund(stamp)  # nothing was accepted: it does not use the quota
         else:
             self._lost, self._lost_at = self._lost + 1, anyio.current_time()
+            if self._lost == LOST_SUBMITS:
+                self._lost_since = self._lost_at
+                log.warning("%d submits in a row lost their answer (%s): each may have "
+                            "created a billed operation; one at a time now, every %.0f s, "
+                            "until one succeeds", LOST_SUBMITS, e.short, self.s.paid_probe_every)  # fmt: skip
         if e.kind != "transient":
             self.breakers["submit"].answered()  # the service is reachable: no outage
         if e.kind == "rate":

@@ -93,6 +93,7 @@ def fast_settings(**kw: Any) -> Settings:
     kw.setdefault("poll_rps", 500.0)
     kw.setdefault("probe_first", 0.05)
     kw.setdefault("probe_max", 0.2)
+    kw.setdefault("paid_probe_every", 0.2)
     kw.setdefault("policy", PollPolicy(prior=0.02, min_wait=0.01))
     return Settings(**kw)
 

@@ -123,7 +123,7 @@ async def test_an_outage_of_slow_answers_is_probed_for_free_not_with_paid_submit
 ) -> None:
     # every answer comes after the request timeout, though each submit creates its operation:
     # the breaker opened, and each probe (a real submit) created one more billed operation;
-    # now two may, then the probe waits for the free tokenizer
+    # now two may (five lost in a row with the three that opened it), then one per 10 minutes
     e = await make_emulator()
     created_while_open: list[int] = []
     opened = anyio.Event()
@@ -146,7 +146,8 @@ async def test_an_outage_of_slow_answers_is_probed_for_free_not_with_paid_submit
         with pytest.raises(OutageError):
             await run_against(None, tmp_path, jobs(tmp_path, 4), llm_url=url, operation_url=url,
                               request_timeout=0.2,
-                              settings=fast_settings(max_outage=5.0, submit_rps=5.0))  # fmt: skip
+                              settings=fast_settings(max_outage=5.0, submit_rps=5.0,
+                                                     paid_probe_every=600.0))  # fmt: skip
     assert opened.is_set() and e.stats["tokenize"] > 0  # probed, with the tokenizer
     assert len(created_while_open) <= 2  # two probes; no more submits while it was open
 
@@ -175,8 +176,30 @@ async def test_429s_between_lost_probes_do_not_restart_their_count(
     async with gateway(e, answer) as url:
         with anyio.fail_after(30), pytest.raises(OutageError):
             await run_against(None, tmp_path, jobs(tmp_path, 20), llm_url=url, operation_url=url,
-                              settings=fast_settings(submit_rps=20.0, max_outage=3.0))  # fmt: skip
-    assert e.stats["submits"] <= 12  # the first trip's, two probes, one 429's bounce
+                              settings=fast_settings(submit_rps=20.0, max_outage=3.0,
+                                                     paid_probe_every=600.0))  # fmt: skip
+    assert e.stats["submits"] <= 8  # five lost in a row, and what was in hand then
+
+
+async def test_a_gateway_that_loses_every_answer_costs_five_operations_not_jobs_times_faults(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    # review: completionAsync creates every operation and the gateway answers 504, while the
+    # tokenizer answers: each loss was charged to its job, so the run paid jobs x --max-faults
+    # (40 jobs, 3 faults: 122 operations) and failed every job
+    e = await make_emulator()
+
+    async def answer(request: web.Request, body: bytes, status: int) -> web.Response | None:
+        if request.path.endswith("/completionAsync"):
+            return web.Response(text="<html>504 Gateway Time-out</html>", status=504, content_type="text/html")
+        return None
+
+    async with gateway(e, answer) as url:
+        with anyio.fail_after(30), pytest.raises(OutageError, match="lost their answers"):
+            await run_against(None, tmp_path, jobs(tmp_path, 40), llm_url=url, operation_url=url,
+                              settings=fast_settings(max_faults=3, submit_rps=20.0, max_outage=2.0,
+                                                     paid_probe_every=600.0))  # fmt: skip
+    assert e.stats["submits"] <= 8  # five lost in a row, and what was in hand then
 
 
 async def test_submitting_resumes_when_only_the_tokenizer_stays_down(
