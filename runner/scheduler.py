@@ -11,10 +11,10 @@ operations submitted before this run started. Every outcome names its attempt an
 Failures go through one breaker per endpoint family (``breaker``): an outage pauses the family
 and probes it, charges no job and fails none, and ``max_outage`` (if set) ends the run with
 ``OutageError``. Once five submits in a row were lost after sending (each may have created a
-billed operation), one goes at a time, 10 minutes after the last lost, until one succeeds. A job's
-own failures (a malformed answer; a transient one while later requests succeed) spend its
-budget. 401/403, and a 404 for an operation too young to have expired, stop the run with
-``CredentialsError``; state stays committed and the next run resumes.
+billed operation), one goes at a time, 1 s after the last lost doubling to 10 minutes, until
+one succeeds. A job's own failures (a malformed answer; a transient one while later requests
+succeed) spend its budget. 401/403, and a 404 for an operation too young to have expired, stop
+the run with ``CredentialsError``; state stays committed and the next run resumes.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from runner.queue import Applied, Queue
 from runner.writer import Writer
 
 # submits in a row (no success between them) whose answers were lost after sending, so that
-# each may have created a billed operation, after which one submit at a time goes, each
-# ``Settings.paid_probe_every`` seconds after the last one lost, until one succeeds, whatever
+# each may have created a billed operation, after which one submit at a time goes, 1 s after
+# the last one lost, doubling up to ``Settings.paid_probe_every``, until one succeeds, whatever
 # the breaker or the tokenizer say (a 429 closing the breaker, or a tokenizer that answers
 # while completionAsync creates and times out, let them through before)
 LOST_SUBMITS = 5
@@ -135,6 +135,8 @@ class Scheduler:
         # submits lost after sending (maybe paid) since one last succeeded, and when the last
         # was: a 429 closing the breaker between them does not start a new count
         self._lost, self._lost_at, self._lost_since = 0, -math.inf, -math.inf
+        self._gated = 0  # submits sent one at a time since five were lost in a row
+        self._gated_out: int | None = None  # the row of the one on its way, until it is done
         self._batch_sent = anyio.Event()  # set each time the submitter is done with a batch
         self.done = anyio.Event()
         self.started = time.time()
@@ -266,6 +268,8 @@ class Scheduler:
                         self._in_hand = len(unsent)
                 finally:
                     if unsent:  # stopped with claims that never left: not ambiguous
+                        if self._gated_out in {c.attempt.rowid for c in unsent}:
+                            self._gated_out = None
                         with anyio.CancelScope(shield=True):
                             await self.queue.unclaim(unsent)
                     self._in_hand = 0
@@ -290,8 +294,13 @@ class Scheduler:
                         await self._wait_for_work(next_at)
                         continue
                 lost = self._lost >= LOST_SUBMITS
-                if lost and (wait := self._lost_at + self.s.paid_probe_every - anyio.current_time()) > 0:
-                    await anyio.sleep(min(wait, 1.0))  # a success elsewhere ends it sooner
+                # one at a time, 1 s after the last lost, doubling with each one sent so, up to
+                # paid_probe_every: a flaky network that loses five in a row now and then
+                # pauses a second; an endless loss costs 6 an hour
+                gap = min(self.s.paid_probe_every, 2.0**self._gated)
+                if lost and (self._gated_out or self._lost_at + gap > anyio.current_time()):
+                    await anyio.sleep(0.05 if self._gated_out else
+                                      min(1.0, self._lost_at + gap - anyio.current_time()))  # fmt: skip
                     continue
                 was_open = breaker.is_open
                 await self.gate("submit")
@@ -302,7 +311,9 @@ class Scheduler:
                     await sent.wait()
                     continue
                 asked = min(batch, max(1, room - self._in_hand))
-                claims = await self.queue.claim(asked, time.time())
+                claims = await self.queue.claim(1 if lost else asked, time.time())
+                if lost and claims:  # until its answer (or its loss) is in, no other goes
+                    self._gated, self._gated_out = self._gated + 1, claims[0].attempt.rowid
                 full = len(claims) == asked
                 if not claims:
                     breaker.probing = False
@@ -330,6 +341,8 @@ class Scheduler:
                     await self._submit(claim, stamp)
                 finally:
                     self._inflight -= self.s.mode == "sync"
+                    if self._gated_out == claim.attempt.rowid:
+                        self._gated_out = None
         finally:
             limiter.release()
 
@@ -352,7 +365,7 @@ class Scheduler:
             self.writer.emit(Requeued(a, 0.0))
             raise
         _, proven = breaker.success(sent, a.rowid)
-        self._lost = 0
+        self._lost = self._gated = 0
         self.submit_pacer.accepted(stamp)
         self.noted("submit", was_open)
         for s in proven:
@@ -376,8 +389,9 @@ class Scheduler:
             if self._lost == LOST_SUBMITS:
                 self._lost_since = self._lost_at
                 log.warning("%d submits in a row lost their answer (%s): each may have "
-                            "created a billed operation; one at a time now, every %.0f s, "
-                            "until one succeeds", LOST_SUBMITS, e.short, self.s.paid_probe_every)  # fmt: skip
+                            "created a billed operation; one at a time now, further apart "
+                            "each time (up to %.0f s), until one succeeds", LOST_SUBMITS,
+                            e.short, self.s.paid_probe_every)  # fmt: skip
         if e.kind != "transient":
             self.breakers["submit"].answered()  # the service is reachable: no outage
         if e.kind == "rate":

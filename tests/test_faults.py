@@ -149,7 +149,8 @@ async def test_an_outage_of_slow_answers_is_probed_for_free_not_with_paid_submit
                               settings=fast_settings(max_outage=5.0, submit_rps=5.0,
                                                      paid_probe_every=600.0))  # fmt: skip
     assert opened.is_set() and e.stats["tokenize"] > 0  # probed, with the tokenizer
-    assert len(created_while_open) <= 2  # two probes; no more submits while it was open
+    # two probes, then one at a time 1, 2, 4 ... s after the last lost (5 s: at most two more)
+    assert len(created_while_open) <= 4
 
 
 @pytest.mark.parametrize(("tokenizer_up", "every_429"), [(False, 4), (True, 0)])
@@ -180,7 +181,8 @@ async def test_answers_lost_again_and_again_cost_five_operations_not_one_per_pro
             await run_against(None, tmp_path, jobs(tmp_path, 40), llm_url=url, operation_url=url,
                               settings=fast_settings(max_faults=3, submit_rps=20.0, max_outage=2.0,
                                                      paid_probe_every=600.0))  # fmt: skip
-    assert e.stats["submits"] <= 8  # five lost in a row, and what was in hand then
+    # five lost in a row and what was on its way then, then one at a time 1, 2 ... s apart
+    assert e.stats["submits"] <= 10
 
 
 async def test_submitting_resumes_when_only_the_tokenizer_stays_down(
