@@ -187,7 +187,7 @@ class Batch:
         specs, where = self._specs(jobs)
         db = await self._open()
         with storage_guard(self.path):
-            added = await ingest.ingest(db, where, specs, items=listed(jobs))
+            added = await ingest.ingest(db, where, specs, listed=listed(jobs))
         for said in pricing.warnings(await self._models(db), self.mode):
             log.warning("%s", said)
         return added
@@ -325,7 +325,3 @@ class Batch:
 
 def has_id(item: Any) -> bool:
     return isinstance(item, dict) and "id" in item
-
-
-
-

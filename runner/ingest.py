@@ -37,12 +37,12 @@ class _RollBack(Exception):
 
 async def ingest(
     db: Database, path: str, specs: Iterable[Spec | Problem], dry_run: bool = False,
-    *, items: bool = False,
+    *, listed: bool = False,
 ) -> Added:  # fmt: skip
     """Add the jobs atomically; raises ``InputError`` listing the problems, storing nothing.
-    ``items``: the specs' numbers are positions in a Python list (``jobs[i]``), not lines."""
+    ``listed``: the specs' numbers are positions in a Python list (``jobs[i]``), not lines."""
     try:
-        return await _ingest(db, path, specs, dry_run, listed=items)
+        return await _ingest(db, path, specs, dry_run, listed=listed)
     except _RollBack as done:
         return done.added
 

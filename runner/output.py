@@ -227,8 +227,8 @@ class OutputFile:
         renamed): a run output of the same name whose path is gone and whose recorded bytes
         this file starts with (the fingerprint). The path is corrected when the file is opened."""
         name = os.path.basename(self.key)
-        for row in await self.db.rows(
-            "SELECT path, last_seq, size, tail, kind, rebuild FROM outputs "
+        for row in await self.db.rows(  # the columns verify reads, in its order, then the path
+            "SELECT last_seq, size, tail, kind, rebuild, path FROM outputs "
             "WHERE kind = 'run' AND tail != '' AND size > 0 AND size <= ?",
             size,
         ):
@@ -238,9 +238,7 @@ class OutputFile:
             found = await anyio.to_thread.run_sync(_fingerprint, self.path, int(row["size"]))
             if found == row["tail"]:
                 self._moved_from = old
-                return await self.db.row(
-                    "SELECT last_seq, size, tail, kind, rebuild FROM outputs WHERE path = ?", old
-                )
+                return row
         return None
 
     async def _ours_past(self, last_seq: int, start: int, size: int) -> bool:

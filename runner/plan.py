@@ -50,7 +50,7 @@ async def plan(batch: Batch, jobs: Jobs, exact: bool) -> dict[str, Any]:
             yield item
 
     async with _database(batch) as db:
-        added = await ingest.ingest(db, where, tally(specs), dry_run=True, items=listed(jobs))
+        added = await ingest.ingest(db, where, tally(specs), dry_run=True, listed=listed(jobs))
     models: dict[str, int] = {}
     chars: dict[str, int] = {}
     answers: dict[str, int] = {}

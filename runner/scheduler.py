@@ -298,8 +298,9 @@ class Scheduler:
                 # paid_probe_every: a flaky network that loses five in a row now and then
                 # pauses a second; an endless loss costs 6 an hour
                 gap = min(self.s.paid_probe_every, 2.0**self._gated)
-                if lost and (self._gated_out or self._lost_at + gap > anyio.current_time()):
-                    await anyio.sleep(0.05 if self._gated_out else
+                out = self._gated_out is not None
+                if lost and (out or self._lost_at + gap > anyio.current_time()):
+                    await anyio.sleep(0.05 if out else
                                       min(1.0, self._lost_at + gap - anyio.current_time()))  # fmt: skip
                     continue
                 was_open = breaker.is_open
