@@ -131,9 +131,9 @@ def make_jobs(path: Path, n: int) -> None:
             f.write(json.dumps({"id": f"job-{i}", "prompt": body(i)["messages"][0]["text"]}) + "\n")
 
 
-def latencies(r: Regime) -> list[float]:
-    """Each job's latency, as the regime's emulator (seed 1) draws it from the job's body."""
-    config = emu.Config(seed=1, lognormal=r.lognormal, latency_cap=r.cap,
+def latencies(r: Regime, seed: int = 1) -> list[float]:
+    """Each job's latency, as the regime's emulator (``--seed 1``) draws it from the job's body."""
+    config = emu.Config(seed=seed, lognormal=r.lognormal, latency_cap=r.cap,
                         latency=r.uniform or (0.05, 0.2))  # fmt: skip
     e = emu.Emulator(config)
     return [e.latency_of(body(i)) for i in range(r.jobs)]

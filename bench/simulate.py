@@ -4,6 +4,7 @@ explore the trade-off between polls and the run's end before running the real be
     python bench/simulate.py                     # every regime of bench/run.py, default policy
     python bench/simulate.py --regime latency --set tail_share=0.003 --set growth=1.8
     python bench/simulate.py --regime quota --detail   # polls per job along the input
+    python bench/simulate.py --regime small --seeds 300  # over 300 latency draws, not one
 
 The regimes are bench/run.py's own: the same jobs, the same latency draws (the emulator's), the
 same quotas and the same compressed latency prior runner is given there, so a policy's polls
@@ -29,9 +30,11 @@ from bench.run import PRIOR, REGIMES, Regime, latencies, slots
 from runner.polling import PollPolicy
 
 
-def simulate(r: Regime, policy: PollPolicy, margin: float = 0.25) -> tuple[dict[str, Any], list[int]]:
-    """The run's figures, and the polls each job took."""
-    lat = latencies(r)
+def simulate(
+    r: Regime, policy: PollPolicy, margin: float = 0.25, seed: int = 1
+) -> tuple[dict[str, Any], list[int]]:
+    """The run's figures, and the polls each job took (``seed``: the emulator's latency draw)."""
+    lat = latencies(r, seed)
     server = slots(r.jobs, r.rps, r.per_hour, r.hour, r.shape)
     t_min = max(s + x for s, x in zip(server, lat, strict=True))
     # runner paces with a rolling window (the safest assumption); a margin for clock skew
@@ -85,14 +88,39 @@ def simulate(r: Regime, policy: PollPolicy, margin: float = 0.25) -> tuple[dict[
                                         draining=t >= last, running=len(running))  # fmt: skip
                 heapq.heappush(heap, (t + wait, 0, k))
     lags = [seen[k] - (sent[k] + lat[k]) for k in range(r.jobs)]
+    end_lag = max(seen) - max(s + x for s, x in zip(sent, lat, strict=True))
     return {
         "regime": r.name, "jobs": r.jobs, "t_min": round(t_min, 1), "end": round(max(seen), 1),
         "ratio": round(max(seen) / t_min, 4), "polls/job": round(sum(polls) / r.jobs, 3),
         "mean lag": round(statistics.fmean(lags), 2), "max lag": round(max(lags), 1),
         "mean lag/latency": round(statistics.fmean(g / x for g, x in zip(lags, lat, strict=True)), 3),
         "lag/latency max": round(max(g / x for g, x in zip(lags, lat, strict=True)), 2),
-        "peak polls/s": max(per_second.values()),
+        "peak polls/s": max(per_second.values()), "end lag": round(end_lag, 2),
     }, polls  # fmt: skip
+
+
+def over_draws(r: Regime, overrides: dict[str, Any], margin: float, n: int) -> dict[str, Any]:
+    """The policy over ``n`` latency draws, and its end against the naive pattern's phase.
+
+    Once its submits are done, the naive pattern polls everything every 10 s (real), so it
+    sees the last result ``U`` after it is ready, ``U`` uniform in [0, 10 s) by the phase of its
+    polls; runner, ``lag`` after. Runner is no later with probability ``1 - lag / 10 s``. This
+    is the phase alone: where the naive pattern submits later (the quota regimes), it loses more.
+    """
+    period = 10.0 / r.scale
+    runs = [simulate(r, PollPolicy(**overrides), margin, seed)[0] for seed in range(1, n + 1)]
+
+    def spread(key: str) -> str:
+        values = [run[key] for run in runs]
+        return f"{statistics.fmean(values):.3f} (max {max(values):.3f})"
+
+    lags = [run["end lag"] for run in runs]
+    return {
+        "regime": r.name, "draws": n, "end / T_min": spread("ratio"),
+        "end lag (s)": f"{statistics.fmean(lags):.2f}", "naive's (s)": f"{period / 2:.2f}",
+        "P(no later than naive)": f"{statistics.fmean(max(0.0, 1 - g / period) for g in lags):.2f}",
+        "polls/job": spread("polls/job"), "mean lag / latency": spread("mean lag/latency"),
+    }  # fmt: skip
 
 
 def main() -> int:
@@ -103,6 +131,8 @@ def main() -> int:
                     help="A PollPolicy field to change, e.g. tail_share=0.003.")  # fmt: skip
     ap.add_argument("--margin", type=float, default=0.25, help="runner's hourly-window margin (s)")
     ap.add_argument("--detail", action="store_true", help="polls per job, a twentieth at a time")
+    ap.add_argument("--seeds", type=int, default=0, metavar="N",
+                    help="Over N latency draws: how the end compares with the naive pattern's.")  # fmt: skip
     args = ap.parse_args()
     rows = []
     for name in args.regime or list(REGIMES):
@@ -111,6 +141,9 @@ def main() -> int:
         for item in args.set:
             key, _, value = item.partition("=")
             overrides[key] = float(value)
+        if args.seeds:
+            rows.append(over_draws(r, overrides, args.margin, args.seeds))
+            continue
         row, polls = simulate(r, PollPolicy(**overrides), args.margin)
         rows.append(row)
         step = max(1, r.jobs // 20)
