@@ -73,16 +73,21 @@ def parse_prices(overrides: tuple[str, ...] | list[str]) -> dict[str, float]:
 
 
 def estimate(
-    tokens_by_model: dict[str, int], prices: dict[str, float], mode: str = "async"
-) -> dict[str, object]:
-    """Cost by model and in total; models without a price are listed as unpriced."""
+    tokens_by_model: dict[str, int], prices: dict[str, float], mode: str = "async",
+    sync_tokens: dict[str, int] | None = None,
+) -> dict[str, object]:  # fmt: skip
+    """Cost by model and in total; models without a price are listed as unpriced.
+
+    ``mode`` prices every token (a plan); ``sync_tokens``, what a database recorded: the share
+    of each model's tokens that synchronous requests used, priced at the synchronous rate."""
     factor = SYNC_FACTOR if mode == "sync" else 1.0
     by_model: dict[str, float] = {}
     unpriced: list[str] = []
     for uri, tokens in sorted(tokens_by_model.items()):
         name = model_name(uri)
         if name in prices:
-            by_model[name] = by_model.get(name, 0.0) + tokens / 1000 * prices[name] * factor
+            billed = tokens * factor + (sync_tokens or {}).get(uri, 0) * (SYNC_FACTOR - 1)
+            by_model[name] = by_model.get(name, 0.0) + billed / 1000 * prices[name]
         else:
             unpriced.append(name)
     return {

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from runner import pricing
+from runner import reports
 
 if TYPE_CHECKING:
     from runner.scheduler import Outage, Scheduler
@@ -76,7 +76,6 @@ class Snapshot:
 async def snapshot(sch: Scheduler, base: dict[str, int], prices: dict[str, float]) -> Snapshot:
     db = sch.queue.db
     tokens = int(await db.value("SELECT total_tokens FROM totals") or 0)
-    usage = {str(m): int(t) for m, t in await db.rows("SELECT model, total_tokens FROM usage_by_model")}
     now = time.monotonic()
     started = now - (anyio.current_time() - sch.t0)  # rates over the run until a first mark
     then, submits, polls = getattr(sch, "_progress_mark", (started, 0, 0))
@@ -92,7 +91,7 @@ async def snapshot(sch: Scheduler, base: dict[str, int], prices: dict[str, float
     return Snapshot(
         done, failed, running, pending, (sch.stats.submitted - submits) / span,
         (sch.stats.polls - polls) / span, s.submit_rps, s.poll_rps, tokens,
-        pricing.estimate(usage, prices, s.mode), sch.submit_pacer.horizon(pending) + latency,
+        await reports.cost(db, prices), sch.submit_pacer.horizon(pending) + latency,
         sch.outages(), sch.writer.trouble,
     )  # fmt: skip
 

@@ -46,12 +46,17 @@ async def totals(db: Database) -> dict[str, int]:
     return {k: int(row[i]) if row else 0 for i, k in enumerate(names)}
 
 
+async def cost(db: Database, prices: dict[str, float]) -> dict[str, Any]:
+    """What the tokens recorded cost: synchronous ones at the synchronous price, whatever the
+    mode of the run asking (a database can hold both)."""
+    rows = await db.rows("SELECT model, total_tokens, sync_tokens FROM usage_by_model")
+    return pricing.estimate({str(m): int(t) for m, t, _ in rows}, prices,
+                            sync_tokens={str(m): int(x) for m, _, x in rows})  # fmt: skip
+
+
 async def status(db: Database, prices: dict[str, float] | None = None) -> dict[str, Any]:
     found = await counts(db)
     kept = await totals(db)
-    usage_by_model = {
-        str(m): int(t) for m, t in await db.rows("SELECT model, total_tokens FROM usage_by_model")
-    }
     oldest = await db.value("SELECT MIN(next_at) FROM jobs WHERE state = 'running'")
     errors = await db.rows(
         "SELECT json_extract(error, '$.code'), json_extract(error, '$.message'), COUNT(*) "
@@ -65,7 +70,7 @@ async def status(db: Database, prices: dict[str, float] | None = None) -> dict[s
         "total": sum(found.values()),
         **found,
         "usage": {k: kept[k] for k in TOKENS},
-        "cost": pricing.estimate(usage_by_model, prices or pricing.ASYNC_PRICE_PER_1K),
+        "cost": await cost(db, prices or pricing.ASYNC_PRICE_PER_1K),
         **{k: kept[k] for k in COUNTERS},
         "oldestRunningAgeSeconds": None if oldest is None else round(time.time() - oldest, 1),
         "topErrors": [{"code": c, "message": m, "count": n} for c, m, n in errors],

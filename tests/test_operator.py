@@ -64,6 +64,35 @@ def test_status_json_field_by_field(cwd: Path) -> None:
     assert "top errors:" in text and "(estimate" in text
 
 
+def test_status_prices_synchronous_tokens_at_the_synchronous_rate(cwd: Path) -> None:
+    # newcomer and review: a `--mode sync` batch (full price) was priced by `status` at the
+    # asynchronous (half) price: the database did not say which tokens were synchronous
+    (cwd / "a.jsonl").write_text('{"id": "a1", "prompt": "one"}\n{"id": "a2", "prompt": "two"}\n')
+    (cwd / "s.jsonl").write_text('{"id": "s1", "prompt": "three"}\n{"id": "s2", "prompt": "4"}\n')
+    with emulator_process("--latency", "0.05:0.1") as url:
+        assert invoke(url, "run", "a.jsonl", "--latency-prior", "0.2")[0] == 0
+        code, output = invoke(url, "run", "s.jsonl", "--mode", "sync")
+    assert code == 0, output
+    with sqlite3.connect(cwd / "runner.db") as con:
+        tokens = dict(con.execute("SELECT j.id, SUM(o.total_tokens) FROM operations o "
+                                  "JOIN jobs j ON j.rowid = o.job GROUP BY j.id").fetchall())
+    paid = tokens["a1"] + tokens["a2"] + 2 * (tokens["s1"] + tokens["s2"])
+    data = json.loads(CliRunner().invoke(cli, ["status", "--json"]).output)
+    assert data["usage"]["totalTokens"] == sum(tokens.values())
+    assert data["cost"]["total"] == pytest.approx(paid / 1000 * 0.10, abs=1e-4)
+    # a later run in either mode prices what is recorded the same way
+    last = [ln for ln in output.splitlines() if " progress: " in ln][-1]
+    assert f"cost ~{paid / 1000 * 0.10:.2f} RUB" in last
+    # a database from before migration 0007 is priced the same once it is applied
+    with sqlite3.connect(cwd / "runner.db") as con:
+        con.execute("DROP TRIGGER operations_sync_tokens_insert")
+        con.execute("DROP TRIGGER operations_sync_tokens_update")
+        con.execute("ALTER TABLE usage_by_model DROP COLUMN sync_tokens")
+        con.execute("DELETE FROM runner_migrations WHERE number = 7")
+    again = json.loads(CliRunner().invoke(cli, ["status", "--json"]).output)
+    assert again["cost"]["total"] == pytest.approx(paid / 1000 * 0.10, abs=1e-4)
+
+
 def test_jobs_lists_state_attempts_operation_and_error(cwd: Path) -> None:
     make_jobs(cwd / "jobs.jsonl", 6)
     with emulator_process("--op-error-rate", "1") as url:
