@@ -202,6 +202,8 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
     from runner.progress import render
 
     v, q = setup_logging(ctx, verbose, quiet)
+    if exact and not dry_run:
+        raise click.UsageError("--exact counts tokens for --dry-run; add --dry-run")
     quotas = Quotas(kw.pop("submit_rps"), kw.pop("submit_per_hour"), kw.pop("poll_rps"),
                     hour=kw.pop("quota_window"))  # fmt: skip
     tty = sys.stderr.isatty() and not v
@@ -219,6 +221,10 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
 
     async def go() -> Any:
         nonlocal live
+        if not jobs and not dry_run:  # a resume: a mistyped --db must not pass for a done batch
+            from runner.database import must_exist
+
+            must_exist(db)
         async with batch:
             if dry_run:
                 if not jobs:

@@ -163,7 +163,7 @@ class Client:
                         f"the API rejects the credentials (401: {e.message}); "
                         + ("they were refreshed and are still refused; " if refreshed else "")
                         + "set a valid YC_API_KEY or YC_IAM_TOKEN (API keys can expire), or pass "
-                        "--iam-token-command, then rerun to resume"
+                        "--iam-token-command, then run it again (a batch resumes where it stopped)"
                     ) from None
                 await self.creds.refresh(seen)
         raise AssertionError("unreachable")

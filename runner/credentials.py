@@ -126,7 +126,8 @@ class Credentials:
             raise CredentialsError(
                 "the API rejected the credentials (401 UNAUTHENTICATED) and there is no way to "
                 "refresh them; set a fresh YC_IAM_TOKEN or pass --iam-token-command "
-                "(an API key may have expired: create a new one), then rerun to resume"
+                "(an API key may have expired: create a new one), then run it again (a batch resumes "
+                "where it stopped)"
             )
         async with self._lock:
             if self._token != seen:
@@ -155,7 +156,7 @@ class Credentials:
             if waited >= self.retry_for:
                 raise CredentialsError(
                     f"--iam-token-command failed for {waited:.0f} s ({why[1:]}); run it by hand "
-                    "to see why, then rerun to resume"
+                    "to see why, then run runner again (a batch resumes where it stopped)"
                 )
             pause = max(0.05, min(delay(attempt, base=1.0, cap=30.0), self.retry_for - waited))
             log.warning("--iam-token-command failed (%s); trying again in %.0f s", why[1:], pause)

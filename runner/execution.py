@@ -69,7 +69,8 @@ async def execute(batch: Batch, out_path: str | None, notify: Callable[[], None]
         written = await out.export()
     outstanding = counts["pending"] + counts["running"]
     if not sum(counts.values()):
-        log.warning("no jobs in %s: nothing to do (give a JOBS file to add some)", db.path)
+        why = f"{batch.jobs_path} holds none" if batch.jobs_path else "give a JOBS file to add some"
+        log.warning("no jobs in %s: nothing to do (%s)", db.path, why)
     interrupted, throttled = False, 0
     if outstanding:
         creds = batch.credentials()

@@ -136,10 +136,12 @@ def read_jobs(path: str, default_model: str) -> Iterator[Spec | Problem]:
             except UnicodeDecodeError as e:
                 yield Problem(path, number, "", f"invalid UTF-8 at byte {e.start}")
                 continue
-            try:
-                obj = _DECODER.decode(text)
+            try:  # without its line break, an error at the line's end is placed at its end
+                obj = _DECODER.decode(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 hint = " (truncated line?)" if not raw.endswith(b"\n") else ""
+                if text.strip() in ("{", "["):
+                    hint = " (one JSON object per line: this looks like indented JSON)"
                 what = e.msg.removesuffix(" at")
                 yield Problem(
                     path, number, "",
@@ -154,6 +156,10 @@ def read_jobs(path: str, default_model: str) -> Iterator[Spec | Problem]:
                 continue
             if isinstance(obj, str):  # a prompt string is for the Python API; a line is an object
                 yield Problem(path, number, "", 'expected a JSON object, got a string: {"prompt": ...}')
+                continue
+            if isinstance(obj, list):
+                yield Problem(path, number, "", "expected a JSON object, got a list: one object "
+                              "per line (JSONL), not a JSON array")  # fmt: skip
                 continue
             yield spec_of(obj, number, path, default_model)
 

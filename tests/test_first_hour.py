@@ -133,9 +133,19 @@ def test_an_empty_batch_warns_and_names_its_database(cwd: Path) -> None:
     (cwd / "empty.jsonl").write_text("")
     r = CliRunner().invoke(cli, ["run", "empty.jsonl", "--emulator"])
     assert r.exit_code == 0 and "no jobs in runner.db" in r.output
+    assert "empty.jsonl holds none" in r.output  # not "give a JOBS file": one was given
+    # newcomer: a resume from a mistyped --db said "nothing to do" and exited 0, as if the batch
+    # were finished; status, jobs and results already exit 2 on the same mistake
     r = CliRunner().invoke(cli, ["run", "--emulator", "--db", "fresh.db"])
-    assert "no jobs in fresh.db" in r.output
+    assert r.exit_code == 2 and "fresh.db: no such database" in r.output
     assert not (cwd / "fresh.db").exists()  # an empty database is not left behind
+
+
+def test_exact_without_dry_run_is_refused_not_ignored(cwd: Path) -> None:
+    (cwd / "one.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    r = CliRunner().invoke(cli, ["run", "one.jsonl", "--emulator", "--exact"])
+    assert r.exit_code == 2 and "add --dry-run" in r.output
+    assert not (cwd / "runner.db").exists()
 
 
 def test_unknown_and_open_weight_models_are_warned_about_and_priced_as_unpriced(cwd: Path) -> None:

@@ -191,6 +191,20 @@ def test_a_json_error_is_given_whole_with_line_and_column(tmp_path: Path) -> Non
     assert problem.message == "not valid JSON: Invalid control character at line 2, column 16"
 
 
+def test_a_json_error_at_the_end_of_a_line_is_placed_there_and_the_file_shape_is_named(
+    tmp_path: Path,
+) -> None:
+    # newcomer: a line missing its "}" was reported at "column 1" (past the line break), an
+    # indented file or a JSON array only as a bad line or "got list", with no word of the shape
+    [_, cut] = parse(tmp_path, '{"prompt": "ok"}', '{"id": "b", "prompt": "hi"')
+    assert isinstance(cut, Problem)
+    assert cut.message.endswith("at line 2, column 27")
+    indented = parse(tmp_path, "{", '  "prompt": "x"', "}")
+    assert isinstance(indented[0], Problem) and "looks like indented JSON" in indented[0].message
+    [array] = parse(tmp_path, '[{"prompt": "x"}]')
+    assert isinstance(array, Problem) and "not a JSON array" in array.message
+
+
 def test_the_folder_is_not_part_of_a_job(tmp_path: Path) -> None:
     from runner.inputs import expand, model_free
 
