@@ -223,16 +223,24 @@ class Batch:
     async def require_credentials(self, jobs: Jobs | None = None) -> None:
         """Refuse (``UsageError``), before anything is stored, a run that would send something
         without credentials: ``jobs`` adds new ones, or some are left unfinished. A run with
-        nothing to send (say, writing a new -o after the batch finished) needs none."""
+        nothing to send (say, writing a new -o after the batch finished) needs none. Refuse the
+        same run of a batch begun with the built-in emulator, without it."""
         try:
             self.credentials()
-        except UsageError:
-            unfinished = 0
-            if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-                found = await reports.counts(await self._open())
-                unfinished = found["pending"] + found["submitting"] + found["running"]
-            if unfinished or (jobs is not None and (await self.plan(jobs))["new"]):
-                raise
+            missing: UsageError | None = None
+        except UsageError as e:
+            missing = e
+        if missing is None and not os.path.exists(self.path + ".emulator"):
+            return
+        unfinished = 0
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            found = await reports.counts(await self._open())
+            unfinished = found["pending"] + found["submitting"] + found["running"]
+        if not unfinished and jobs is not None:
+            unfinished = (await self.plan(jobs))["new"]
+        connect.refuse_emulator_batch(self.path, self.endpoints, unfinished)
+        if missing is not None and unfinished:
+            raise missing
 
     # -- running ----------------------------------------------------------------------------
 

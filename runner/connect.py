@@ -14,6 +14,7 @@ to send never import aiohttp.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,9 +45,22 @@ def credentials(
         return Credentials.for_emulator(folder_id or env("YC_FOLDER_ID", "FOLDER_ID"))
     raise UsageError(
         "no credentials: set YC_API_KEY (a service account API key) or YC_IAM_TOKEN (or pass "
-        "--iam-token-command), and YC_FOLDER_ID; see README, 'Getting credentials'; or add "
-        "--emulator to try the built-in emulator"
+        "--iam-token-command; iam_token_command= in Python), and YC_FOLDER_ID; see README, "
+        "'Getting credentials'; or add --emulator (emulator=True) to try the built-in emulator"
     )
+
+
+def refuse_emulator_batch(db_path: str, endpoints: Endpoints, unfinished: int) -> None:
+    """A batch run against the built-in emulator keeps its operations in ``<db>.emulator``.
+    Resumed without it, its operations are unknown to the API asked (404), and its jobs would be
+    finished by the real API beside the emulator's made-up answers. Say so before anything is
+    stored or sent, rather than blame the URL or the credentials."""
+    if unfinished and not endpoints.emulator and os.path.exists(db_path + ".emulator"):
+        raise UsageError(
+            f"{db_path} was run against the built-in emulator ({db_path}.emulator holds its "
+            "operations): add --emulator (emulator=True in Python) to resume it; for the real "
+            "API, use another --db"
+        )
 
 
 @contextlib.asynccontextmanager

@@ -54,13 +54,14 @@ class Problem:
 class InputError(UsageError):
     """The jobs are invalid; nothing was stored or sent."""
 
-    def __init__(self, problems: list[Problem], more: int = 0) -> None:
+    def __init__(self, problems: list[Problem], more: int = 0, *, listed: bool = False) -> None:
         self.problems = problems
         self.more = more
         lines = [str(p) for p in problems]
         if more:
             lines.append(f"... and {more} more problems not shown")
-        lines.append("Nothing was stored or sent. Fix the lines above and run again.")
+        lines.append(f"Nothing was stored or sent. Fix the {'items' if listed else 'lines'} "
+                     "above and run again.")  # fmt: skip
         super().__init__("\n".join(lines))
 
 

@@ -56,6 +56,10 @@ class RunReport:
 async def execute(batch: Batch, out_path: str | None, notify: Callable[[], None]) -> RunReport:
     """One run of ``batch`` to the end; ``notify`` is told after every commit."""
     db = await batch._open()
+    found = await reports.counts(db)
+    connect.refuse_emulator_batch(
+        db.path, batch.endpoints, found["pending"] + found["submitting"] + found["running"]
+    )
     queue = Queue(db)
     await apply_rescue(queue, batch.settings.context_budget)
     await anyio.to_thread.run_sync(reserve, db.path)  # room for ids a full disk would lose

@@ -11,6 +11,7 @@ known ones skipped. A dry run does all of this and rolls back.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -45,6 +46,21 @@ async def ingest(
         return await _ingest(db, path, specs, dry_run, listed=listed)
     except _RollBack as done:
         return done.added
+
+
+def difference(
+    old: str, new: str, old_turns: str | None, new_turns: str | None, listed: bool = False
+) -> str:
+    """What differs between a stored job and a line with its id, in a few words."""
+    was, now = json.loads(old), json.loads(new)
+    fields = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    if old_turns != new_turns:
+        fields.append("turns")
+    if fields == ["modelUri"]:
+        option = "model= sets the model of items" if listed else "--model sets the model of lines"
+        return (f"another model ({was.get('modelUri')} stored, {now.get('modelUri')} now; "
+                f"{option} that name none)")  # fmt: skip
+    return "different " + (", ".join(fields) if fields else "content")
 
 
 async def _ingest(
@@ -105,14 +121,16 @@ async def _ingest(
             problems.append(
                 Problem(path, line, "id", f"duplicate id {job_id!r} ({first_at(first)})")
             )
-        for line, job_id, old_line in await db.rows(
-            f"SELECT s.line, s.id, j.line {changed} ORDER BY s.line LIMIT ?", MAX_REPORTED
-        ):
+        for line, job_id, old_line, was, now, turns_was, turns_now in await db.rows(
+            f"SELECT s.line, s.id, j.line, COALESCE(j.origin, j.body), s.body, j.turns, s.turns "
+            f"{changed} ORDER BY s.line LIMIT ?", MAX_REPORTED,
+        ):  # fmt: skip
+            where = f"{path}[{old_line}]" if listed else f"line {old_line}"
             problems.append(
                 Problem(
                     path, line, "id",
-                    f"job {job_id!r} is already in the database (from line {old_line}) with "
-                    "different content; give it a new id or use another --db",
+                    f"job {job_id!r} is already in the database (added from {where}) with "
+                    f"{difference(was, now, turns_was, turns_now, listed)}; give it a new id or use another database",
                 )
             )  # fmt: skip
         if problems:
@@ -124,7 +142,7 @@ async def _ingest(
             if listed:  # a Python list's item is named by its position, not a line
                 problems = [Problem(f"{path}[{p.line}]", 0, p.field, p.message) for p in problems]
             extra += max(0, len(problems) - MAX_REPORTED)
-            raise InputError(problems[:MAX_REPORTED], extra)
+            raise InputError(problems[:MAX_REPORTED], extra, listed=listed)
         cur = await con.execute(
             "INSERT INTO jobs (id, line, body, turns, origin, model) "
             "SELECT id, line, body, turns, CASE WHEN turns IS NULL THEN NULL ELSE body END, "

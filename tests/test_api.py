@@ -141,6 +141,23 @@ async def test_bad_input_raises_input_error_naming_the_item_and_field(tmp_path: 
     assert not (tmp_path / "bad.db").exists()  # nothing was stored
 
 
+async def test_a_changed_item_names_what_changed_in_the_apis_words(tmp_path: Path) -> None:
+    # newcomer: another model said "with different content", nothing about the model; a list
+    # item said "(from line 0)", "use another --db" and "Fix the lines above"
+    db = tmp_path / "m.db"
+    await asyncio.to_thread(runner.run, ["hi"], db=db, emulator=True)
+    with pytest.raises(runner.InputError) as info:
+        await asyncio.to_thread(runner.run, ["hi"], db=db, emulator=True, model="yandexgpt")
+    text = str(info.value)
+    assert "jobs[0] [id]: job 'item-0' is already in the database (added from jobs[0]) with " \
+        "another model (yandexgpt-lite/latest stored, yandexgpt/latest now; model= sets" in text
+    assert "another database" in text and "Fix the items above" in text and "line" not in text
+    with pytest.raises(runner.InputError) as info:
+        await asyncio.to_thread(runner.run, [{"id": "item-0", "prompt": "hi", "completionOptions": {"temperature": 0.1}}],
+                                db=db, emulator=True)  # fmt: skip
+    assert "with different completionOptions;" in str(info.value)
+
+
 async def test_items_that_are_not_json_raise_input_error_naming_the_item(tmp_path: Path) -> None:
     # each was a raw TypeError or sqlite3.OperationalError; a duplicate said "jobs:1 ... line 0"
     nan = {"prompt": "x", "jsonSchema": {"schema": {"a": float("nan")}}}

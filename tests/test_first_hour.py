@@ -52,7 +52,7 @@ def test_when_problems_are_cut_at_50_the_rest_are_counted(tmp_path: Path) -> Non
     with emulator_process() as url:
         assert run(["run", "jobs.jsonl"], tmp_path, url).returncode == 0
         r = run(["run", "changed.jsonl"], tmp_path, url)
-    assert r.returncode == 2 and r.stderr.count("different content") == 50
+    assert r.returncode == 2 and r.stderr.count("with different messages;") == 50
     assert "... and 10 more problems not shown" in r.stderr
 
 
@@ -211,6 +211,18 @@ def test_the_built_in_emulator_keeps_its_operations_so_a_killed_run_resumes_clea
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # newcomer: resumed without --emulator, it blamed the credentials (none set) or, with
+    # credentials, the operation URL (its operations are the emulator's: 404). It says why now,
+    # sends nothing and changes nothing, with or without new jobs and credentials
+    before = db_states(cwd / "runner.db")
+    with emulator_process() as other:
+        for args, env in ((["run"], {"YC_API_KEY": ""}), (["run", "jobs.jsonl"], {}),
+                          (["run", "-o", "out.jsonl"], {})):  # fmt: skip
+            r = run(args, cwd, other, **env)
+            assert r.returncode == 2 and "was run against the built-in emulator" in r.stderr, r
+        seen = emulator_stats(other)
+        assert seen.get("submits", 0) == seen.get("polls", 0) == 0 and not seen["submits_per_body"]
+    assert db_states(cwd / "runner.db") == before
     r = run(["run", "jobs.jsonl", "--emulator", "-o", "out.jsonl"], cwd)
     assert r.returncode == 0, r.stderr
     status = json.loads(run(["status", "--json"], cwd).stdout)

@@ -61,7 +61,7 @@ BAD_FILES: list[tuple[str, bytes, str]] = [
     ("unknown role", b'{"messages": [{"role": "robot", "text": "x"}]}\n', "[messages[0].role]"),
     ("text not a string", b'{"messages": [{"role": "user", "text": 1}]}\n', "[messages[0].text]"),
     ("duplicate ids", b'{"id": "d", "prompt": "1"}\n{"id": "d", "prompt": "2"}\n', "duplicate id 'd'"),
-    ("known id changed", b'{"id": "a", "prompt": "changed"}\n', "different content"),
+    ("known id changed", b'{"id": "a", "prompt": "changed"}\n', "already in the database (added from line 1) with different messages"),
     ("invalid utf-8", b'{"prompt": "\xc3\x28"}\n', "invalid UTF-8"),
     ("bom", b'\xef\xbb\xbf{"prompt": "x"}\n', "byte-order mark"),
     ("10 MB line", b'{"prompt": "' + b"x" * (10 << 20) + b'"}\n', "longer than"),

@@ -78,7 +78,7 @@ async def test_known_id_with_changed_content_is_refused(emulator: Emu, tmp_path:
     before = db.read_bytes()
     with pytest.raises(InputError) as info:
         await run_against(emulator, tmp_path, changed)
-    assert info.value.problems[0].line == 2 and "different content" in str(info.value)
+    assert info.value.problems[0].line == 2 and "with different messages" in str(info.value)
     assert db.read_bytes() == before
     assert db_rows(db, "SELECT COUNT(*) FROM jobs") == [(3,)]
 
