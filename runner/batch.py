@@ -27,7 +27,7 @@ import anyio
 
 from runner import connect, ingest, output, pricing, reports
 from runner.credentials import Credentials
-from runner.database import Database, RunLock, must_exist, storage_guard
+from runner.database import Database, RunLock, must_exist, side_file, storage_guard
 from runner.errors import UsageError
 from runner.execution import Run, RunReport, execute, first_error
 from runner.inputs import DEFAULT_MODEL, Spec, model_ref, read_jobs, spec_of
@@ -159,7 +159,7 @@ class Batch:
         if empty:  # a database this Batch created and never filled: leave nothing behind
             for suffix in ("-wal", "-shm", ".lock", ".emulator"):
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path + suffix)
+                    os.remove(side_file(self.path, suffix))
             if self._created == "new":
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path)
@@ -230,7 +230,7 @@ class Batch:
             missing: UsageError | None = None
         except UsageError as e:
             missing = e
-        if missing is None and not os.path.exists(self.path + ".emulator"):
+        if missing is None and not os.path.exists(side_file(self.path, ".emulator")):
             return
         unfinished = 0
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:

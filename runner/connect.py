@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runner.credentials import Credentials, env
+from runner.database import side_file
 from runner.errors import UsageError
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def refuse_emulator_batch(db_path: str, endpoints: Endpoints, unfinished: int) -
     Resumed without it, its operations are unknown to the API asked (404), and its jobs would be
     finished by the real API beside the emulator's made-up answers. Say so before anything is
     stored or sent, rather than blame the URL or the credentials."""
-    if unfinished and not endpoints.emulator and os.path.exists(db_path + ".emulator"):
+    if unfinished and not endpoints.emulator and os.path.exists(side_file(db_path, ".emulator")):
         raise UsageError(
             f"{db_path} was run against the built-in emulator ({db_path}.emulator holds its "
             "operations): add --emulator (emulator=True in Python) to resume it; for the real "
@@ -75,7 +76,7 @@ async def connect(
         if endpoints.emulator:
             from runner import emulator as emu
 
-            config = emu.Config(state_file=db_path + ".emulator")
+            config = emu.Config(state_file=side_file(db_path, ".emulator"))
             server, url = await emu.serve(emu.Emulator(config), "127.0.0.1", 0)
             stack.push_async_callback(server.cleanup)
             llm = ops = url

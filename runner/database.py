@@ -44,6 +44,13 @@ def check_path(path: str) -> None:
         raise UsageError(f"--db {path}: directory {parent} is not writable")
 
 
+def side_file(db_path: str, suffix: str) -> str:
+    """A file runner keeps beside a database (``.lock``, ``.rescue``, ``.emulator``), named
+    after the database file itself, not the name it was reached by: a database reached through
+    a symlink has one lock, one rescue file and one emulator state, as SQLite's own -wal has."""
+    return os.path.realpath(db_path) + suffix
+
+
 def must_exist(path: str) -> None:
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such database; run `runner run JOBS.jsonl --db {path}` first")
@@ -207,14 +214,16 @@ class RunLock:
     """An exclusive lock on a database for one live writer, released by the kernel on death."""
 
     def __init__(self, db_path: str) -> None:
-        self.path = db_path + ".lock"
+        self.db = db_path
+        self.path = side_file(db_path, ".lock")
         self._fd: int | None = None
 
     def acquire(self) -> None:
         if self._fd is not None:
             return
-        self_db = self.path[:-5]
+        self_db = self.db
         check_path(self_db)
+        self.path = side_file(self_db, ".lock")  # the link may have been made since
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
@@ -241,7 +250,7 @@ class RunLock:
     @staticmethod
     def held(db_path: str) -> bool:
         """Whether a live process holds the lock (without taking it for longer than a probe)."""
-        path = db_path + ".lock"
+        path = side_file(db_path, ".lock")
         if not os.path.exists(path):
             return False
         fd = os.open(path, os.O_RDONLY)

@@ -31,7 +31,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from runner.database import Database, storage_guard
+from runner.database import Database, side_file, storage_guard
 from runner.errors import StorageError, UsageError
 
 log = logging.getLogger("runner.output")
@@ -139,7 +139,7 @@ def check_target(path: str, db_path: str, jobs_path: str | None = None) -> None:
     if jobs_path and os.path.exists(path) and _same(path, jobs_path):
         raise UsageError(f"-o {path}: that is the jobs file; results go to a file of their own")
     for suffix in ("", "-wal", "-shm", ".lock", ".emulator", ".rescue"):
-        own = db_path + suffix
+        own = side_file(db_path, suffix)
         if os.path.realpath(path) == os.path.realpath(own) or (
             os.path.exists(path) and os.path.exists(own) and _same(path, own)
         ):

@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from runner.database import storage_error
+from runner.database import side_file, storage_error
 from runner.errors import StorageError
 from runner.jobs import Answered, ApiFailure, Attempt, Completion, Failed, Outcome, Submitted
 from runner.output import OutputFile, pwrite_all
@@ -265,7 +265,7 @@ RESERVE = 1 << 20
 
 
 def rescue_path(db_path: str) -> str:
-    return db_path + ".rescue"
+    return side_file(db_path, ".rescue")
 
 
 def reserve(db_path: str) -> None:
@@ -340,8 +340,16 @@ def save_rescue(path: str, outcomes: list[Submitted | Answered]) -> int:
 
 
 async def apply_rescue(queue: Queue, budget: int) -> int:
-    """Apply what a run that could not write its database saved, then clear it."""
-    path = rescue_path(queue.db.path)
+    """Apply what a run that could not write its database saved, then clear it. (Before the
+    rescue file was named after the database file itself, it was named as the database was
+    reached: that one is read too.)"""
+    applied = 0
+    for path in dict.fromkeys((rescue_path(queue.db.path), queue.db.path + ".rescue")):
+        applied += await _apply(queue, budget, path)
+    return applied
+
+
+async def _apply(queue: Queue, budget: int, path: str) -> int:
     if not os.path.exists(path):
         return 0
     raw = await anyio.to_thread.run_sync(_records, path)

@@ -3,6 +3,7 @@ stored state, and credentials that must not leak into anything the run writes.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 
 from runner.cli import cli
 from tests.conftest import SENTINEL_KEY, read_out, write_jobs
-from tests.killloop import kill_loop
+from tests.killloop import db_states, kill_loop
 from tests.procs import child_env, emulator_process, make_jobs, runner_cmd
 
 
@@ -49,6 +50,35 @@ def test_second_runner_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path: 
         )
         assert third.returncode == 0, third.stderr.decode()
     assert len(read_out(tmp_path / "out.jsonl")) == 50
+
+
+def test_a_database_reached_through_a_symlink_has_one_lock(tmp_path: Path) -> None:
+    # review: the lock was named after the path as typed; `cancel --db alias` ran beside a live
+    # run of the same database, dropped billed operation ids and left the run hanging
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").mkdir()
+    (tmp_path / "alias" / "t.db").symlink_to("../real/t.db")
+    jobs = make_jobs(tmp_path / "jobs.jsonl", 30)
+    with emulator_process("--latency", "2:3") as url:
+        cmd = runner_cmd("run", str(jobs), "--db", "real/t.db", "--submit-rps", "20")
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(url), stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while db_states(tmp_path / "real" / "t.db").get("running", 0) < 5:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            for args in (["cancel"], ["retry"], ["run"]):
+                r = subprocess.run(runner_cmd(*args, "--db", "alias/t.db"), cwd=tmp_path,
+                                   env=child_env(url), capture_output=True, timeout=30)  # fmt: skip
+                assert r.returncode == 2 and f"another runner (pid {first.pid})".encode() in r.stderr
+            status = subprocess.run(runner_cmd("status", "--json", "--db", "alias/t.db"),
+                                    cwd=tmp_path, env=child_env(url), capture_output=True)  # fmt: skip
+            assert json.loads(status.stdout)["live"] is True
+            assert first.wait(timeout=60) == 0
+        finally:
+            first.kill()
+    assert db_states(tmp_path / "real" / "t.db") == {"done": 30}
+    assert sorted(p.name for p in (tmp_path / "alias").iterdir()) == ["t.db"]
 
 
 GOOD = '{"id": "a", "prompt": "stored already"}\n'
