@@ -407,7 +407,7 @@ def cancel(ctx: click.Context, /, db: str, pending_only: bool, as_json: bool, ve
            quiet: bool, **kw: Any) -> None:  # fmt: skip
     """Stop a batch: pending jobs are cancelled; running operations are cancelled on the server
     where it allows; finished ones are recorded with their answers; the rest are left running
-    for a later `runner run` to collect.
+    for a later `runner run` to collect, and nothing more is sent for them (no chat turn).
 
     \b
     Example:

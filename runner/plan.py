@@ -150,6 +150,7 @@ async def cancel(batch: Batch, pending_only: bool) -> dict[str, int]:
               "leftRunning": len(running)}  # fmt: skip
     if running:
         creds = connect.credentials(*batch._creds, emulator=batch.endpoints.emulator)
+        await queue.request_cancel()  # before asking the server: an answer it gives is the last
         outcomes: list[Outcome] = []
         try:
             async with connect.connect(creds, batch.endpoints, db.path, batch.request_timeout) as client:

@@ -81,6 +81,12 @@ _SQL = {
     "error = COALESCE(?, error), operation_id = NULL, "
     "idem_key = CASE WHEN ? THEN NULL ELSE idem_key END "
     "WHERE rowid = ? AND fence = ? AND state = ? AND operation_id IS ?",
+    "chat_cancelled": "UPDATE jobs SET state = 'cancelled', finished_at = ?, finish_seq = ?, "
+    "polls = polls + ?, turn = ?, body = ?, transcript = ? "
+    "WHERE rowid = ? AND fence = ? AND state = ? AND operation_id IS ?",
+    "requeued_cancelled": "UPDATE jobs SET state = 'cancelled', finished_at = ?, finish_seq = ?, "
+    "polls = polls + ?, ambiguous = ambiguous + ? "
+    "WHERE rowid = ? AND fence = ? AND state = ? AND operation_id IS ?",
     "cancelled": "UPDATE jobs SET state = 'cancelled', finished_at = ?, finish_seq = ? "
     "WHERE rowid = ? AND fence = ? AND state = 'running' AND operation_id = ?",
     "charged": "UPDATE jobs SET faults = faults + 1, error = ? WHERE rowid = ?",
@@ -89,7 +95,8 @@ _SQL = {
 }
 # the order statements run in: a job's Submitted precedes its other outcomes in a batch
 _ORDER = ("submitted", "ledger", "answer", "sync_answer", "done", "failed", "next_turn",
-          "requeued", "cancelled", "charged", "charged_out")  # fmt: skip
+          "chat_cancelled", "requeued", "requeued_cancelled", "cancelled", "charged",
+          "charged_out")  # fmt: skip
 
 
 @dataclass
@@ -101,6 +108,7 @@ class _Row:
     submitted_at: float | None
     faults: int
     chat: chat.Chat | None
+    cancel: bool = False  # `runner cancel` asked: a collected answer finishes it, nothing more
 
 
 @dataclass
@@ -230,7 +238,8 @@ class Queue:
             cur = await con.execute(
                 "UPDATE jobs SET state = 'pending', next_at = 0, finish_seq = NULL, "
                 "finished_at = NULL, faults_base = faults, resubmits_base = resubmits, "
-                "idem_key = NULL, operation_id = NULL, result = NULL, error = NULL "
+                "idem_key = NULL, operation_id = NULL, result = NULL, error = NULL, "
+                "cancel_requested = 0 "
                 f"WHERE {cond}",
                 args,
             )
@@ -238,6 +247,13 @@ class Queue:
             if moved:
                 await output.invalidate(con)
         return moved
+
+    async def request_cancel(self) -> None:
+        """Mark the running jobs as cancelled by the user: their answers, if they come, are
+        recorded and finish them; nothing more is sent for them (a chat's next turn, or a
+        resubmit)."""
+        async with self.db.transaction() as con:
+            await con.execute("UPDATE jobs SET cancel_requested = 1 WHERE state = 'running'")
 
     async def cancel_pending(self) -> int:
         """Cancel every job not yet sent, including those a killed run left mid-submit: those
@@ -300,7 +316,8 @@ class Queue:
             for r in await self.db.rows(
                 "SELECT rowid, fence, state, operation_id, turn, submitted_at, "
                 "faults - faults_base, turns, CASE WHEN turns IS NULL THEN NULL ELSE body END, "
-                f"transcript, ({TOP_SEQ}) FROM jobs WHERE rowid IN ({','.join('?' * len(part))})",
+                f"transcript, ({TOP_SEQ}), cancel_requested FROM jobs "
+                f"WHERE rowid IN ({','.join('?' * len(part))})",
                 *part,
             ):
                 top = int(r[10])
@@ -309,7 +326,7 @@ class Queue:
                     conversation = chat.Chat(
                         json.loads(r[7]), r[4], json.loads(r[8]), json.loads(r[9] or "[]")
                     )
-                rows[r[0]] = _Row(r[1], r[2], r[3], r[4], r[5], r[6], conversation)
+                rows[r[0]] = _Row(r[1], r[2], r[3], r[4], r[5], r[6], conversation, bool(r[11]))
         return rows, top
 
     def _one(self, b: _Batch, o: Outcome) -> bool:
@@ -344,6 +361,11 @@ class Queue:
                 row.faults += 1
                 failure = chat.label(row.chat, o.fault) if row.chat else o.fault
                 self._fail(b, row, failure, o.polls, guard, True, o.ambiguous)
+                return True
+            if row.cancel:  # sent again, it would be paid for again: it stops here
+                w["requeued_cancelled"].append(
+                    (b.at, b.finish(row, "cancelled"), o.polls, int(o.ambiguous), *guard)
+                )
                 return True
             row.faults += o.fault is not None
             error = o.fault or o.error
@@ -386,6 +408,11 @@ class Queue:
             b.writes["done"].append(
                 (o.at, seq, o.polls, _JSON.encode(step.result), transcript, *guard)
             )
+        elif isinstance(step, chat.Next) and row.cancel:  # the answered turn is its last
+            b.writes["chat_cancelled"].append((
+                o.at, b.finish(row, "cancelled"), o.polls, step.turn, canonical(step.body),
+                transcript, *guard,
+            ))  # fmt: skip
         elif isinstance(step, chat.Next):
             b.writes["next_turn"].append(
                 (o.polls, step.turn, canonical(step.body), transcript, *guard)

@@ -115,6 +115,36 @@ def test_cancel_also_cancels_jobs_a_killed_run_left_mid_submit(tmp_path: Path) -
     assert status["cancelled"] == 3 and status["ambiguousSubmits"] == 2
 
 
+@pytest.mark.parametrize("mode", ["ignore", "refuse"])
+def test_cancel_stops_chats_whose_turn_is_running_and_retry_resumes_them(
+    tmp_path: Path, mode: str
+) -> None:
+    # review: the server ignored or refused the cancel (completions are probably not
+    # cancellable), the next run collected the running turn and then paid for every remaining
+    # turn of every chat the user had cancelled: 5 submits became 13
+    jobs = [{"id": f"c{i}", "turns": [f"q1 {i}", f"q2 {i}", f"q3 {i}"]} for i in range(3)]
+    write_jobs(tmp_path / "jobs.jsonl", [*jobs, {"id": "p", "prompt": "plain"}])
+    with emulator_process("--latency", "2:2.5", "--cancel-mode", mode) as url:
+        kill_when_running(tmp_path, url, 4)
+        report = json.loads(run(["cancel", "--json"], tmp_path, url).stdout)
+        assert report == {"cancelledPending": 0, "cancelledRunning": 0, "finishedRunning": 0,
+                          "leftRunning": 4}  # fmt: skip
+        assert run(["run", "-o", "out.jsonl"], tmp_path, url).returncode == 0
+        assert emulator_stats(url)["submits"] == 4  # nothing sent after the cancel
+        out = {r["id"]: r for r in read_out(tmp_path / "out.jsonl")}
+        assert out["p"]["status"] == "done"  # its answer was paid for: it is kept
+        for i in range(3):  # the paid turn is kept, the chat stops there
+            assert out[f"c{i}"]["status"] == "cancelled" and len(out[f"c{i}"]["turns"]) == 1
+        assert run(["retry", "--status", "cancelled"], tmp_path, url).returncode == 0
+        assert run(["run", "-o", "out.jsonl"], tmp_path, url).returncode == 0
+        stats = emulator_stats(url)
+    assert stats["submits"] == 4 + 3 * 2  # each chat's two unanswered turns, once each
+    assert max(stats["submits_per_body"].values()) == 1
+    out = {r["id"]: r for r in read_out(tmp_path / "out.jsonl")}
+    assert all(out[f"c{i}"]["status"] == "done" and len(out[f"c{i}"]["turns"]) == 3
+               for i in range(3))  # fmt: skip
+
+
 def limited(limit: int) -> Any:
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
