@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 
 import anyio
 
-from runner import connect, ingest, output, pricing, reports
+from runner import connect, exports, ingest, output, pricing, reports
 from runner.credentials import Credentials
 from runner.database import Database, RunLock, must_exist, side_file, storage_guard
 from runner.errors import UsageError
@@ -104,6 +105,16 @@ class Batch:
         self.path = os.fspath(db)
         self.mode = mode
         q = quotas or Quotas()
+        for name, value, least in (
+            ("quotas.submit_rps", q.submit_rps, 0.01), ("quotas.poll_rps", q.poll_rps, 0.01),
+            ("quotas.hour", q.hour, 0.1), ("request_timeout", request_timeout, 0.1),
+            ("op_deadline", op_deadline, 1e-3), ("retention", retention, 0.0),
+            ("max_outage", 0.0 if max_outage is None else max_outage, 0.0),
+            ("storage_patience", storage_patience, 0.0), ("probe_max", probe_max, 0.05),
+            ("latency_prior", latency_prior, 1e-3), ("progress_interval", progress_interval, 0.01),
+        ):  # as the CLI's options: nan passes every comparison, inf overflows the pacers
+            if not (math.isfinite(value) and value >= least):
+                raise UsageError(f"{name}: {value!r}; give a finite number from {least:g}")
         self.settings = settings or Settings(
             submit_rps=q.submit_rps, submit_per_hour=q.submit_per_hour, poll_rps=q.poll_rps,
             sync_concurrency=q.sync_concurrency, quota_window=q.hour, mode=mode,
@@ -119,6 +130,9 @@ class Batch:
         self.prices = prices if prices is not None else dict(pricing.ASYNC_PRICE_PER_1K)
         self.progress, self.progress_interval = progress, progress_interval
         self.handle_signals = False  # the CLI turns this on: SIGINT/SIGTERM end a run gracefully
+        # the CLI's: set on SIGINT/SIGTERM; ``driving`` once the run's workers start
+        self.interrupt: anyio.Event | None = None
+        self.driving = False
         self.jobs_path: str | None = None
         self._lock = RunLock(self.path)
         self._db: Database | None = None
@@ -156,16 +170,23 @@ class Batch:
             empty = bool(self._created) and not await self._db.value("SELECT COUNT(*) FROM jobs")
             await self._stack_db.aclose()
             self._db = None
-        if empty:  # a database this Batch created and never filled: leave nothing behind
-            for suffix in ("-wal", "-shm", ".lock", ".emulator"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(side_file(self.path, suffix))
-            if self._created == "new":
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)
-            else:  # an empty file the user made (say with mkstemp) is left as it was: empty
-                os.truncate(self.path, 0)
+        if empty:
+            self._forget()
         self._lock.release()
+
+    def _forget(self) -> None:
+        """A database this Batch created and never filled: leave nothing behind."""
+        if not self._created:
+            return
+        for suffix in ("-wal", "-shm", ".lock", ".emulator"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(side_file(self.path, suffix))
+        if self._created == "new":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+        else:  # an empty file the user made (say with mkstemp) is left as it was: empty
+            with contextlib.suppress(FileNotFoundError):
+                os.truncate(self.path, 0)
 
     async def _open(self, write: bool = True) -> Database:
         if write:
@@ -176,7 +197,11 @@ class Batch:
             self._created = "new" if not os.path.exists(self.path) else (
                 "empty" if os.path.getsize(self.path) == 0 else "")
             self._stack_db = contextlib.AsyncExitStack()
-            self._db = await self._stack_db.enter_async_context(Database.open(self.path))
+            try:
+                self._db = await self._stack_db.enter_async_context(Database.open(self.path))
+            except BaseException:  # cancelled (Ctrl-C) or refused while it was being made
+                self._forget()
+                raise
         return self._db
 
     # -- jobs in ----------------------------------------------------------------------------
@@ -212,6 +237,7 @@ class Batch:
             await output.OutputFile(await self._open(), os.fspath(path), self.jobs_path).verify()
         else:
             output.check_target(os.fspath(path), self.path, self.jobs_path)
+            output.check_free(os.fspath(path))
             if os.path.exists(path) and os.path.getsize(path) > 0:
                 raise UsageError(f"-o {os.fspath(path)}: the file exists and runner has no "
                                  f"record of writing it for {self.path}; give a new -o path")  # fmt: skip
@@ -288,7 +314,7 @@ class Batch:
         db = await self._open(write=False)
         states = (status,) if status else ("done", "failed", "cancelled")
         lines = [line async for _, line in output.lines_since(db, 0, states, request)]
-        await output.export_file(db, path, output.render(lines, fmt, request))
+        await exports.export_file(db, path, exports.render(lines, fmt, request))
         return len(lines)
 
     async def status(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Coroutine
 from functools import partial
@@ -41,15 +42,30 @@ def call(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 class Duration(click.ParamType):  # type: ignore[type-arg]
     name = "DURATION"
 
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive
+
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
-        if isinstance(value, int | float):
-            return float(value)
         units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
         text = str(value).strip().lower()
         try:
-            return float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+            seconds = float(value) if isinstance(value, int | float) else (
+                float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text))
         except ValueError:
             self.fail(f"{value!r}: give seconds, or a number with s, m, h or d (e.g. 30m)")
+        if not math.isfinite(seconds) or seconds < 0 or (self.positive and seconds == 0):
+            self.fail(f"{value!r}: give a finite duration {'above' if self.positive else 'from'} 0")
+        return seconds
+
+
+class Number(click.FloatRange):
+    """A finite number from ``min`` (nan passes every comparison, and inf overflows)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def verbosity(fn: Any) -> Any:
@@ -80,7 +96,7 @@ CONNECT = [
     click.option("--llm-url", envvar="RUNNER_LLM_URL", help=f"Base URL of completion and tokenizer endpoints ({ENV}RUNNER_LLM_URL)."),
     click.option("--operation-url", envvar="RUNNER_OPERATION_URL", help=f"Base URL of the operation service ({ENV}RUNNER_OPERATION_URL)."),
     click.option("--iam-token-command", envvar="RUNNER_IAM_TOKEN_COMMAND", help=f'Command printing a fresh IAM token, e.g. "yc iam create-token" ({ENV}RUNNER_IAM_TOKEN_COMMAND).'),
-    click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds per HTTP request."),
+    click.option("--request-timeout", default=60.0, show_default=True, type=Number(min=0.1), help="Seconds per HTTP request."),
     click.option("--model", default="yandexgpt-lite", show_default=True, help="Model for jobs that name none: a name, or a gpt:// URI."),
 ]  # fmt: skip
 
@@ -153,19 +169,19 @@ def dump(data: Any) -> None:
 @options(CONNECT)
 @click.option("--mode", type=click.Choice(["async", "sync"]), default="async", show_default=True,
               help="async: completionAsync and polling, half price; sync: /completion.")
-@click.option("--submit-rps", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
+@click.option("--submit-rps", default=10.0, show_default=True, type=Number(min=0.01),
               help="Submit quota: requests per second.")
 @click.option("--submit-per-hour", default=5000, show_default=True, type=click.IntRange(min=1),
               help="Submit quota: requests per hour (async).")
-@click.option("--poll-rps", default=50.0, show_default=True, type=click.FloatRange(min=0.01),
+@click.option("--poll-rps", default=50.0, show_default=True, type=Number(min=0.01),
               help="Operation poll quota: requests per second.")
-@click.option("--quota-window", default=3600.0, hidden=True, type=click.FloatRange(min=0.1),
+@click.option("--quota-window", default=3600.0, hidden=True, type=Number(min=0.1),
               help="Seconds in the hourly quota's window (compressed-time benchmarks).")
 @click.option("--max-faults", default=5, show_default=True, type=click.IntRange(min=1),
               help="A job's own transient errors before it fails (outages do not count).")
 @click.option("--max-resubmits", default=2, show_default=True, type=click.IntRange(min=0),
               help="Times a job is sent again after its operation expired or failed transiently.")
-@click.option("--op-deadline", default="24h", show_default=True, type=Duration(),
+@click.option("--op-deadline", default="24h", show_default=True, type=Duration(positive=True),
               help="An operation still running after this long fails (or see --resubmit-stuck).")
 @click.option("--resubmit-stuck", is_flag=True, help="Resubmit operations past --op-deadline instead.")
 @click.option("--max-outage", type=Duration(),
@@ -174,9 +190,9 @@ def dump(data: Any) -> None:
               help="How long the server keeps results; a 404 for a younger operation stops the run.")
 @click.option("--latency-prior", default="15s", hidden=True, type=Duration(), envvar="RUNNER_LATENCY_PRIOR",
               help="First poll before any latency is learned (compressed-time benchmarks).")
-@click.option("--probe-max", default=120.0, hidden=True, type=click.FloatRange(min=0.05),
+@click.option("--probe-max", default=120.0, hidden=True, type=Number(min=0.05),
               help="Longest wait between probes of an unreachable API (seconds).")
-@click.option("--storage-patience", default=60.0, hidden=True, type=click.FloatRange(min=0),
+@click.option("--storage-patience", default=60.0, hidden=True, type=Number(min=0),
               help="Seconds of failing database writes before the run stops (exit 5).")
 @click.option("--context-budget", default=32768, show_default=True, type=click.IntRange(min=1),
               help="Tokens a chat turn may need; a longer conversation stops before the API refuses it.")
@@ -184,7 +200,7 @@ def dump(data: Any) -> None:
 @click.option("--exact", is_flag=True, help="With --dry-run: count input tokens with the API's (free) tokenizer.")
 @PRICE
 @JSON
-@click.option("--progress-interval", type=click.FloatRange(min=0.1),
+@click.option("--progress-interval", type=Number(min=0.1),
               help="Seconds between progress updates (default: 1 on a terminal, 10 otherwise).")
 @verbosity
 @click.pass_context
@@ -220,6 +236,41 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
     batch.handle_signals = True
 
     async def go() -> Any:
+        # a signal before the run's workers start (adding jobs, a dry run, the run's start)
+        # cancels what is under way (each step is atomic) and exits 130; from then on the run
+        # stops its workers and saves its state (Batch.interrupt)
+        import signal
+
+        import anyio
+
+        from runner.errors import Interrupted
+
+        batch.interrupt, result, error = anyio.Event(), None, None
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    async for _ in received:
+                        batch.interrupt.set()
+                        if not batch.driving:
+                            setup.cancel()
+
+                tg.start_soon(watch)
+                try:  # what work raises is raised as itself below, not in the task group's group
+                    with anyio.CancelScope() as setup:
+                        if early:  # before the receiver was in place
+                            setup.cancel()
+                        result = await work()
+                except Exception as e:
+                    error = e
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if setup.cancelled_caught:
+            raise Interrupted("interrupted before anything was sent; run the same command to start again")
+        return result
+
+    async def work() -> Any:
         nonlocal live
         if not jobs and not dry_run:  # a resume: a mistyped --db must not pass for a done batch
             from runner.database import must_exist
@@ -249,7 +300,15 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
                     live.stop()
             return added, report
 
-    result = call(go)
+    import signal  # until the run listens (go), a signal is remembered, not a KeyboardInterrupt
+
+    early: list[int] = []
+    kept = {n: signal.signal(n, lambda n, _: early.append(n)) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = call(go)
+    finally:
+        for n, handler in kept.items():
+            signal.signal(n, handler)
     if dry_run:
         return dump(result) if as_json else click.echo(display.plan(result, db))
     added, report = result
@@ -358,6 +417,7 @@ def results(ctx: click.Context, /, db: str, output: str | None, fmt: str, state:
     Example:
       runner results -o results.csv --format csv --status done
     """
+    from runner import exports
     from runner import output as out
 
     setup_logging(ctx, verbose, quiet)
@@ -372,7 +432,7 @@ def results(ctx: click.Context, /, db: str, output: str | None, fmt: str, state:
             db_ = await batch._open(write=False)
             states = (state,) if state else ("done", "failed", "cancelled")
             found = [line async for _, line in out.lines_since(db_, 0, states, include_request)]
-            return out.render(found, fmt, include_request)
+            return exports.render(found, fmt, include_request)
 
     click.echo(call(lines), nl=False)
 

@@ -137,7 +137,8 @@ class Database:
         inspect_file(path)
         if not os.path.exists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        con = await aiosqlite.connect(path, isolation_level=None)
+        with anyio.CancelScope(shield=True):  # cancelled while it connects, its thread would live on
+            con = await aiosqlite.connect(path, isolation_level=None)
         try:
             con.row_factory = aiosqlite.Row
             await con.execute("PRAGMA busy_timeout = 10000")
@@ -153,7 +154,8 @@ class Database:
                 raise
             yield db
         finally:
-            await con.close()
+            with anyio.CancelScope(shield=True):  # a cancelled close would leave its thread
+                await con.close()
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -67,26 +67,30 @@ async def execute(batch: Batch, out_path: str | None, notify: Callable[[], None]
     recovered = await queue.recover()
     counts = await reports.counts(db)
     out = output.OutputFile(db, out_path, batch.jobs_path) if out_path else None
-    written = 0
-    if out is not None:
-        await out.open()
-        written = await out.export()
-    outstanding = counts["pending"] + counts["running"]
-    if not sum(counts.values()):
-        why = f"{batch.jobs_path} holds none" if batch.jobs_path else "give a JOBS file to add some"
-        log.warning("no jobs in %s: nothing to do (%s)", db.path, why)
-    interrupted, throttled = False, 0
-    if outstanding:
-        creds = batch.credentials()
-        async with connect.connect(creds, batch.endpoints, db.path, batch.request_timeout) as client:
-            s = batch.settings
-            writer = Writer(queue, out, budget=s.context_budget, on_applied=lambda _: None,
-                            batch_window=s.batch_window, hold=s.hold_window,
-                            patience=s.storage_patience)  # fmt: skip
-            sch = Scheduler(queue, client, writer, s, creds.folder_id, outstanding)
-            sch.listener = notify
-            interrupted = await drive(batch, sch, writer, counts)
-            written, throttled = written + writer.written, sch.stats.throttled
+    try:
+        written = 0
+        if out is not None:
+            await out.open()
+            written = await out.export()
+        outstanding = counts["pending"] + counts["running"]
+        if not sum(counts.values()):
+            why = f"{batch.jobs_path} holds none" if batch.jobs_path else "give a JOBS file to add some"
+            log.warning("no jobs in %s: nothing to do (%s)", db.path, why)
+        interrupted, throttled = False, 0
+        if outstanding:
+            creds = batch.credentials()
+            async with connect.connect(creds, batch.endpoints, db.path, batch.request_timeout) as client:
+                s = batch.settings
+                writer = Writer(queue, out, budget=s.context_budget, on_applied=lambda _: None,
+                                batch_window=s.batch_window, hold=s.hold_window,
+                                patience=s.storage_patience)  # fmt: skip
+                sch = Scheduler(queue, client, writer, s, creds.folder_id, outstanding)
+                sch.listener = notify
+                interrupted = await drive(batch, sch, writer, counts)
+                written, throttled = written + writer.written, sch.stats.throttled
+    finally:
+        if out is not None:
+            out.close()  # the file's lock goes with it
     after = await reports.totals(db)
     await anyio.to_thread.run_sync(release, db.path)
     return RunReport(
@@ -107,12 +111,15 @@ async def drive(batch: Batch, sch: Scheduler, writer: Writer, base: dict[str, in
         nonlocal interrupted
         import signal
 
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-            async for _ in received:
-                log.warning("interrupted: finishing requests on the wire and saving state")
-                interrupted = True
-                workers.cancel_scope.cancel()
-                return
+        if batch.interrupt is not None:  # the CLI listens from its start
+            await batch.interrupt.wait()
+        else:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                async for _ in received:
+                    break
+        log.warning("interrupted: finishing requests on the wire and saving state")
+        interrupted = True
+        workers.cancel_scope.cancel()
 
     async def progress() -> None:
         assert batch.progress is not None
@@ -126,10 +133,12 @@ async def drive(batch: Batch, sch: Scheduler, writer: Writer, base: dict[str, in
             try:
                 async with anyio.create_task_group() as workers:
                     writer.on_fatal = workers.cancel_scope.cancel
+                    batch.driving = True
+                    if batch.handle_signals:  # first: a signal already received stops the rest
+                        workers.start_soon(signals, workers)
+                        await anyio.lowlevel.checkpoint()
                     await sch.run(workers)
                     workers.start_soon(until_done, workers)
-                    if batch.handle_signals:
-                        workers.start_soon(signals, workers)
                     if batch.progress is not None:
                         workers.start_soon(progress)
             finally:

@@ -8,22 +8,19 @@ on the next start anything past it (a torn or uncommitted tail) is cut, and said
 Before runner writes to a non-empty file at all, the file must be one it wrote: recorded for
 this database, and its first ``size`` bytes still what runner wrote (the fingerprint). A file
 edited by hand, cut short, replaced, never written by runner, or the jobs file itself is
-refused untouched: runner never truncates or overwrites a file it did not write.
-
-One-off exports (``runner results -o``) are written to a temporary file in the same directory
-and moved into place with ``os.replace``, after everything else was checked. All file I/O and
-fsync run in a worker thread, off the event loop.
+refused untouched: runner never truncates or overwrites a file it did not write. During a run
+the file is held (flock: a run of another database cannot write it too), and each append first
+checks that the path still leads to the file the run opened and that it holds exactly what
+runner wrote; anything else stops the run, the file untouched. All file I/O and fsync run in
+a worker thread, off the event loop. One-off exports are ``runner.exports``'.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
+import fcntl
 import json
 import logging
 import os
-import tempfile
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,11 +34,6 @@ from runner.errors import StorageError, UsageError
 log = logging.getLogger("runner.output")
 
 COLUMNS = "rowid, id, state, result, error, operation_id, attempts, finish_seq, transcript"
-CSV_COLUMNS = (
-    "id", "status", "text", "alternativeStatus", "inputTextTokens", "completionTokens",
-    "reasoningTokens", "totalTokens", "modelVersion", "operationId", "attempts",
-    "errorCode", "errorMessage",
-)  # fmt: skip
 
 
 def result_line(row: Any) -> dict[str, Any]:
@@ -84,7 +76,7 @@ async def lines_since(
         seq = rows[-1]["finish_seq"]
 
 
-def _fingerprint(path: str, size: int) -> str:
+def fingerprint(path: str, size: int) -> str:
     """The CRC-32 of the first ``size`` bytes (the whole of what runner wrote), as text."""
     crc, left = 0, size
     with open(path, "rb") as f:
@@ -96,7 +88,35 @@ def _fingerprint(path: str, size: int) -> str:
     return f"crc32:{crc:08x}"
 
 
-def _extend(fingerprint: str, data: bytes) -> str:
+def check_free(path: str) -> None:
+    """Refuse an output another run holds (a probe: the lock is released at once)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(path) from None
+    finally:
+        os.close(fd)
+
+
+def _busy(path: str) -> UsageError:
+    return UsageError(
+        f"-o {path}: another runner is writing it (a run of another database?); give each run "
+        "an output file of its own"
+    )
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def extend(fingerprint: str, data: bytes) -> str:
     crc = int(fingerprint.split(":")[1], 16) if fingerprint.startswith("crc32:") else 0
     return f"crc32:{zlib.crc32(data, crc):08x}"
 
@@ -172,11 +192,20 @@ class OutputFile:
         # the run lock, so it is kept here instead of read back before every append
         self._record: tuple[int, int, str] | None = None
         self._moved_from: str | None = None  # the record's path, when the file was moved
+        self._fd: int | None = None  # held open and flock'ed from open() to close()
+        self._torn = False  # an append of this run failed part way: its tail may be cut
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
 
     async def verify(self) -> tuple[int, int, str]:
         """Whether runner may write this file: (last_seq, size, tail) to continue from, or
         ``UsageError`` with the file untouched. Changes nothing, so it can go first."""
         check_target(self.path, self.db.path, self.jobs_path)
+        check_free(self.path)
         row = await self.db.row(
             "SELECT last_seq, size, tail, kind, rebuild FROM outputs WHERE path = ?", self.key
         )
@@ -193,7 +222,7 @@ class OutputFile:
         last_seq, recorded, tail = int(row[0]), int(row[1]), str(row[2])
         ours = size >= recorded and (
             not tail  # recorded by a version before fingerprints: its length is all there is
-            or await anyio.to_thread.run_sync(_fingerprint, self.path, recorded) == tail
+            or await anyio.to_thread.run_sync(fingerprint, self.path, recorded) == tail
         )
         if not ours:
             raise UsageError(
@@ -235,7 +264,7 @@ class OutputFile:
             old = str(row["path"])
             if os.path.basename(old) != name or os.path.exists(old):
                 continue
-            found = await anyio.to_thread.run_sync(_fingerprint, self.path, int(row["size"]))
+            found = await anyio.to_thread.run_sync(fingerprint, self.path, int(row["size"]))
             if found == row["tail"]:
                 self._moved_from = old
                 return row
@@ -280,7 +309,7 @@ class OutputFile:
         try:
             await anyio.to_thread.run_sync(self._truncate, recorded)
             if not tail:  # a new file, or one recorded before fingerprints
-                tail = await anyio.to_thread.run_sync(_fingerprint, self.path, recorded)
+                tail = await anyio.to_thread.run_sync(fingerprint, self.path, recorded)
         except OSError as e:
             raise _storage(self.path, e) from None
         async with self.db.transaction() as con:
@@ -297,23 +326,48 @@ class OutputFile:
         self._record = (last_seq, recorded, tail)
 
     def _truncate(self, size: int) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Open and lock the file for this run, then cut it to what runner committed."""
+        if self._fd is None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise _busy(self.path) from None
+            self._fd = fd
+        os.ftruncate(self._fd, size)
+        os.fsync(self._fd)
 
     def _append(self, data: bytes, at: int) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        """Write ``data`` at ``at``, if the file is still the one this run opened and holds
+        exactly what runner wrote: anything else wrote to it, replaced or cut it (say, a user,
+        or a run that does not lock files) and it is left alone."""
+        fd = self._fd
+        if fd is None:
+            raise StorageError(f"{self.path}: output not opened")
+        mine, there = os.fstat(fd), _stat(self.path)
+        changed = (
+            "was deleted or replaced" if there is None or (there.st_dev, there.st_ino)
+            != (mine.st_dev, mine.st_ino)
+            else "is shorter than runner wrote" if mine.st_size < at
+            else "has bytes runner did not write" if mine.st_size > at and not self._torn
+            else ""
+        )  # fmt: skip
+        if changed:
+            raise StorageError(
+                f"stopped writing {self.path}: it {changed} since this run's last write (edited, "
+                "or written by another program?); move it away, and the next run writes a new "
+                "one in full from the database"
+            )
         try:
-            if os.fstat(fd).st_size < at:  # never pad: the file changed under runner
-                raise OSError(5, "the file is shorter than runner wrote")
-            os.ftruncate(fd, at)  # a torn tail of an earlier attempt goes
+            if mine.st_size > at:
+                os.ftruncate(fd, at)  # the tail a failed append of this run left
             pwrite_all(fd, data, at)
             os.fsync(fd)
-        finally:
-            os.close(fd)
+            self._torn = False
+        except OSError:
+            self._torn = True
+            raise
 
     async def export(self) -> int:
         """Append every job finished since the file's last sequence number; lines written.
@@ -350,79 +404,4 @@ class OutputFile:
     async def _flush(self, buf: list[str], size: int, fingerprint: str) -> tuple[int, str]:
         data = "".join(buf).encode()
         await anyio.to_thread.run_sync(self._append, data, size)
-        return size + len(data), _extend(fingerprint, data)
-
-
-# -- one-off exports ------------------------------------------------------------------------------
-
-
-def csv_row(line: dict[str, Any]) -> list[Any]:
-    usage = line.get("usage") or {}
-    error = line.get("error") or {}
-    flat = {**line, **usage, "errorCode": error.get("code"), "errorMessage": error.get("message")}
-    return ["" if flat.get(c) is None else flat.get(c) for c in CSV_COLUMNS]
-
-
-def render(lines: list[dict[str, Any]], fmt: str, request: bool) -> str:
-    out = io.StringIO(newline="")
-    if fmt == "csv":
-        writer = csv.writer(out)
-        writer.writerow((*CSV_COLUMNS, "request") if request else CSV_COLUMNS)
-        for line in lines:
-            row = csv_row(line)
-            if request:
-                row.append(json.dumps(line["request"], ensure_ascii=False))
-            writer.writerow(row)
-    else:
-        for line in lines:
-            out.write(json.dumps(line, ensure_ascii=False) + "\n")
-    return out.getvalue()
-
-
-async def export_file(db: Database, path: str, text: str) -> None:
-    """Write an export through a temporary file and ``os.replace``; refuse foreign files."""
-    check_target(path, db.path)
-    key = os.path.realpath(path)
-    row = await db.row("SELECT size, tail, kind FROM outputs WHERE path = ?", key)
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        if row is None:
-            raise UsageError(
-                f"-o {path}: the file exists and runner did not write it; give a new path or "
-                "move the file away"
-            )
-        if row["kind"] == "run":
-            raise UsageError(f"-o {path}: that is a run's output file (-o of `runner run`)")
-        size = os.path.getsize(path)
-        if size != row["size"] or _fingerprint(path, size) != row["tail"]:
-            raise UsageError(f"-o {path}: the file changed since runner wrote it; not replacing it")
-    data = text.encode()
-
-    def write() -> str:
-        fd, tmp = tempfile.mkstemp(prefix=".runner-", dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return _extend("", data)
-
-    try:
-        tail = await anyio.to_thread.run_sync(write)
-    except OSError as e:
-        raise StorageError(f"cannot write {path}: {e.strerror or e}; nothing was replaced") from None
-    with storage_guard(db.path):
-        await _record_export(db, key, len(data), tail)
-
-
-async def _record_export(db: Database, key: str, size: int, tail: str) -> None:
-    async with db.transaction() as con:
-        await con.execute(
-            "INSERT INTO outputs (path, last_seq, size, tail, kind) VALUES (?, 0, ?, ?, 'export') "
-            "ON CONFLICT (path) DO UPDATE SET size = excluded.size, tail = excluded.tail",
-            (key, size, tail),
-        )
+        return size + len(data), extend(fingerprint, data)

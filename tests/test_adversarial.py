@@ -145,6 +145,73 @@ def test_cancel_stops_chats_whose_turn_is_running_and_retry_resumes_them(
                for i in range(3))  # fmt: skip
 
 
+def test_bytes_written_to_the_output_during_a_run_are_left_alone(tmp_path: Path) -> None:
+    # review: runner checked the file only at start; a line a user appended mid-run was cut
+    # (the file was cut back to runner's length and written over), and the run exited 0
+    make_jobs(tmp_path / "jobs.jsonl", 40)
+    out = tmp_path / "out.jsonl"
+    with emulator_process("--latency", "0.5:4") as url:
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "-o", "out.jsonl"), cwd=tmp_path,
+                                env=child_env(url), stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not (out.exists() and out.stat().st_size):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with out.open("a") as f:
+            f.write("a line of the user's own\n")
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 5, err
+        assert "stopped writing out.jsonl: it has bytes runner did not write" in err
+        assert out.read_text().endswith("a line of the user's own\n")
+        out.rename(tmp_path / "mine.jsonl")  # moved away, the next run writes it in full
+        assert run(["run", "-o", "out.jsonl"], tmp_path, url).returncode == 0
+    assert sorted(r["id"] for r in read_out(out)) == sorted(f"j{i}" for i in range(40))
+
+
+def test_two_runs_of_two_databases_never_write_one_output(tmp_path: Path) -> None:
+    # review: each run checked the empty file, then wrote at its own offsets over the other's
+    # lines: a.db's 50 lines were all overwritten by b.db's, and b exited 0
+    make_jobs(tmp_path / "jobs.jsonl", 30)
+    with emulator_process("--latency", "1:2") as url:
+        first = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--db", "a.db", "-o", "out.jsonl"),
+                                 cwd=tmp_path, env=child_env(url), stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "out.jsonl").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        second = run(["run", "jobs.jsonl", "--db", "b.db", "-o", "out.jsonl"], tmp_path, url)
+        assert second.returncode == 2 and "another runner is writing it" in second.stderr
+        assert not (tmp_path / "b.db").exists()  # refused before anything was stored
+        assert first.wait(timeout=60) == 0
+    assert sorted(r["id"] for r in read_out(tmp_path / "out.jsonl")) == sorted(
+        f"j{i}" for i in range(30)
+    )
+
+
+def test_ctrl_c_while_jobs_are_being_added_stops_before_anything_is_sent(tmp_path: Path) -> None:
+    # review: a SIGINT before the run's workers listened was lost: a run of 20,000 jobs went on
+    # submitting (paying) until a second Ctrl-C. Started as a shell starts `runner run ... &`
+    # (SIGINT ignored until a handler is set), as in the review; cancelled while it connected
+    # to the database, aiosqlite's thread outlived the loop with a traceback
+    with (tmp_path / "jobs.jsonl").open("w") as f:
+        for i in range(30_000):
+            f.write(json.dumps({"id": f"j{i}", "prompt": f"prompt number {i}"}) + "\n")
+    with emulator_process() as url:
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl"), cwd=tmp_path, env=child_env(url),
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "runner.db").exists():  # adding the jobs has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        stats = emulator_stats(url)
+    assert proc.returncode == 130, err
+    assert "interrupted before anything was sent" in err and "Traceback" not in err
+    assert stats.get("submits", 0) == 0
+
+
 def limited(limit: int) -> Any:
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
@@ -225,9 +292,13 @@ def test_an_output_file_shorter_than_recorded_is_never_padded(tmp_path: Path) ->
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"id": 1}\n')
     file = OutputFile.__new__(OutputFile)
-    file.path = str(path)
-    with pytest.raises(OSError, match="shorter than runner wrote"):
-        file._append(b'{"id": 2}\n', 50)
+    file.path, file._torn = str(path), False
+    file._fd = os.open(path, os.O_WRONLY)
+    try:
+        with pytest.raises(StorageError, match="is shorter than runner wrote"):
+            file._append(b'{"id": 2}\n', 50)
+    finally:
+        file.close()
     assert path.read_bytes() == b'{"id": 1}\n'
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import runner
 from runner.cli import cli
 from tests.conftest import read_out, uncommit_last_line, write_jobs
 from tests.killloop import db_states
@@ -139,6 +140,24 @@ def test_an_empty_batch_warns_and_names_its_database(cwd: Path) -> None:
     r = CliRunner().invoke(cli, ["run", "--emulator", "--db", "fresh.db"])
     assert r.exit_code == 2 and "fresh.db: no such database" in r.output
     assert not (cwd / "fresh.db").exists()  # an empty database is not left behind
+
+
+@pytest.mark.parametrize("option", [["--submit-rps", "inf"], ["--poll-rps", "nan"],
+                                    ["--request-timeout", "inf"], ["--op-deadline", "0"],
+                                    ["--max-outage", "-5"], ["--op-deadline", "nan"]])  # fmt: skip
+def test_non_finite_or_negative_numbers_are_refused_before_anything_is_stored(
+    cwd: Path, option: list[str]
+) -> None:
+    # review: inf crashed with a traceback (exit 1) after storing the jobs and claiming one,
+    # nan left a run that never finished, a zero deadline failed every paid job at its first poll
+    (cwd / "one.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    r = CliRunner().invoke(cli, ["run", "one.jsonl", "--emulator", *option])
+    assert r.exit_code == 2 and option[0] in r.output and "Traceback" not in r.output
+    assert not (cwd / "runner.db").exists()
+    name, value = option[0][2:].replace("-", "_"), float(option[1])
+    quota = name in ("submit_rps", "poll_rps")  # the Python API refuses the same
+    with pytest.raises(runner.UsageError, match=f"quotas.{name}" if quota else name):
+        runner.Batch("py.db", **({"quotas": runner.Quotas(**{name: value})} if quota else {name: value}))
 
 
 def test_exact_without_dry_run_is_refused_not_ignored(cwd: Path) -> None:
