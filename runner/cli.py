@@ -445,7 +445,8 @@ def results(ctx: click.Context, /, db: str, output: str | None, fmt: str, state:
 @reader
 def retry(ctx: click.Context, /, db: str, states: tuple[str, ...], error_code: int | None,
           as_json: bool, verbose: int, quiet: bool) -> None:  # fmt: skip
-    """Move finished jobs back to pending (their outcome is kept in history); rerun to resend.
+    """Move failed (or cancelled) jobs back to pending, their outcome kept in history; rerun to
+    resend. A job whose operation was never seen to end is polled again, not sent again.
 
     \b
     Example:

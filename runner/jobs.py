@@ -139,6 +139,7 @@ class Failed:
     polls: int = 0
     charged: bool = False  # the last of the job's own faults
     ambiguous: bool = False  # and its request may have created a (billed) operation
+    unfinished: bool = False  # its operation was never seen to end: a retry polls it again
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,8 @@ class Poller:
         elif e.kind == "malformed":
             op.faults += 1
             if op.faults >= self.s.max_faults:
-                self.sch.writer.emit(Failed(op.attempt, now, e.failure(), op.polls, charged=True))
+                self.sch.writer.emit(Failed(op.attempt, now, e.failure(), op.polls, charged=True,
+                                            unfinished=True))  # fmt: skip
                 return
         else:  # transient: never the operation's fault, and never a reason to give it up
             if breaker.failure(anyio.current_time(), sent, op.attempt.rowid, e.short) == "probe":

@@ -69,7 +69,8 @@ _SQL = {
     "result = ?, transcript = ?, error = NULL WHERE rowid = ? AND fence = ? AND state = ? "
     "AND operation_id IS ?",
     "failed": "UPDATE jobs SET state = 'failed', finished_at = ?, finish_seq = ?, "
-    "polls = polls + ?, faults = faults + ?, ambiguous = ambiguous + ?, error = ?, "
+    "polls = polls + ?, faults = faults + ?, ambiguous = ambiguous + ?, op_unfinished = ?, "
+    "error = ?, "
     "transcript = COALESCE(?, transcript), "
     "turn = COALESCE(?, turn), body = COALESCE(?, body) "
     "WHERE rowid = ? AND fence = ? AND state = ? AND operation_id IS ?",
@@ -235,6 +236,14 @@ class Queue:
                 f"SELECT rowid, ?, state, attempts, operation_id, error, result FROM jobs WHERE {cond}",
                 (time.time(), *args),
             )
+            # an operation never seen to end is polled again, not paid for again
+            resumed = await con.execute(
+                "UPDATE jobs SET state = 'running', next_at = 0, finish_seq = NULL, "
+                "finished_at = NULL, faults_base = faults, resubmits_base = resubmits, "
+                "result = NULL, error = NULL, cancel_requested = 0, op_unfinished = 0 "
+                f"WHERE {cond} AND op_unfinished AND operation_id IS NOT NULL",
+                args,
+            )
             cur = await con.execute(
                 "UPDATE jobs SET state = 'pending', next_at = 0, finish_seq = NULL, "
                 "finished_at = NULL, faults_base = faults, resubmits_base = resubmits, "
@@ -243,7 +252,7 @@ class Queue:
                 f"WHERE {cond}",
                 args,
             )
-            moved = cur.rowcount
+            moved = cur.rowcount + resumed.rowcount
             if moved:
                 await output.invalidate(con)
         return moved
@@ -351,7 +360,7 @@ class Queue:
             if o.ambiguous:
                 w["ledger"].append((a.rowid, a.fence, row.turn, None, row.submitted_at or b.at, 1))
             failure = chat.label(row.chat, o.failure) if row.chat else o.failure
-            self._fail(b, row, failure, o.polls, guard, o.charged, o.ambiguous)
+            self._fail(b, row, failure, o.polls, guard, o.charged, o.ambiguous, o.unfinished)
         elif isinstance(o, Requeued):
             if o.ambiguous:
                 w["ledger"].append((a.rowid, a.fence, row.turn, None, row.submitted_at or b.at, 1))
@@ -425,11 +434,11 @@ class Queue:
 
     def _fail(
         self, b: _Batch, row: _Row, failure: ApiFailure, polls: int, guard: tuple[Any, ...],
-        charged: bool = False, ambiguous: bool = False,
+        charged: bool = False, ambiguous: bool = False, unfinished: bool = False,
     ) -> None:  # fmt: skip
         c = row.chat
         b.writes["failed"].append((
-            b.at, b.finish(row, "failed"), polls, int(charged), int(ambiguous),
+            b.at, b.finish(row, "failed"), polls, int(charged), int(ambiguous), int(unfinished),
             _JSON.encode(failure.as_dict()),
             _JSON.encode(c.transcript) if c else None, c.turn if c else 0,
             canonical(c.body) if c else None, *guard,

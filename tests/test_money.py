@@ -44,6 +44,30 @@ def test_a_young_operation_answering_404_stops_the_run_instead_of_resubmitting(
     assert stats["submits"] <= 5 and max(stats["submits_per_body"].values()) == 1
 
 
+def test_retry_after_unreadable_polls_collects_the_operation_instead_of_paying_again(
+    tmp_path: Path,
+) -> None:
+    # review: polls answered with malformed bodies failed the jobs (--max-faults) while their
+    # operations ran on, billed; `retry` cleared the operation ids and paid for each job again,
+    # reported nowhere (6 submits for 3 jobs, 3 answers never collected)
+    make_jobs(tmp_path / "jobs.jsonl", 3)
+    state = str(tmp_path / "emulator.state")
+    with emulator_process("--latency", "0.3:0.5", "--state-file", state,
+                          "--fault", "poll:shape=1.0") as url:  # fmt: skip
+        r = run(["run", "jobs.jsonl", "--max-faults", "2"], tmp_path, url)
+        assert r.returncode == 1, r.stderr
+    with emulator_process("--latency", "0.3:0.5", "--state-file", state) as url:  # healthy again
+        assert run(["retry"], tmp_path, url).returncode == 0
+        r = run(["run", "-o", "out.jsonl"], tmp_path, url)
+        stats = emulator_stats(url)
+    assert r.returncode == 0, r.stderr
+    assert stats.get("submits", 0) == 0  # the three operations were collected, none sent again
+    out = read_out(tmp_path / "out.jsonl")
+    assert len(out) == 3 and all(x["status"] == "done" and x["usage"]["totalTokens"] for x in out)
+    status = json.loads(run(["status", "--json"], tmp_path).stdout)
+    assert status["submits"] == 3 and status["done"] == 3
+
+
 def test_resubmits_after_expiry_are_capped(tmp_path: Path) -> None:
     # operations that really are gone (older than the retention) are resubmitted, at most twice
     make_jobs(tmp_path / "jobs.jsonl", 4)
