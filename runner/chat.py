@@ -59,6 +59,12 @@ def label(chat: Chat, failure: ApiFailure) -> ApiFailure:
     return ApiFailure(failure.code, f"turn {chat.turn + 1} of {len(chat.turns)}: {failure.message}")
 
 
+def summed(transcript: list[dict[str, Any]]) -> dict[str, int]:
+    """The usage of the turns answered so far, field by field."""
+    keys = dict.fromkeys(k for t in transcript for k in (t.get("usage") or {}))
+    return {k: sum(int((t.get("usage") or {}).get(k, 0)) for t in transcript) for k in keys}
+
+
 def answer(
     chat: Chat, completion: Completion, operation_id: str | None, budget: int
 ) -> Next | Done | Stopped:
@@ -69,7 +75,7 @@ def answer(
     messages = [*chat.body["messages"], {"role": "assistant", "text": completion.text}]
     following = chat.turn + 1
     if following >= len(chat.turns):
-        usage = {k: sum(int(t["usage"].get(k, 0)) for t in transcript) for k in completion.usage}
+        usage = summed(transcript)
         result = {
             **completion.as_result(),
             "usage": usage,

@@ -28,6 +28,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from runner import chat
 from runner.database import Database, side_file, storage_guard
 from runner.errors import StorageError, UsageError
 
@@ -45,6 +46,8 @@ def result_line(row: Any) -> dict[str, Any]:
         line["error"] = json.loads(row["error"])
     if row["transcript"] and row["state"] != "done":  # a failed or cancelled chat's paid turns
         line["turns"] = json.loads(row["transcript"])
+        if line["turns"]:
+            line["usage"] = chat.summed(line["turns"])
     line["operationId"] = row["operation_id"]
     line["attempts"] = row["attempts"]
     return line

@@ -417,7 +417,7 @@ class Queue:
             b.writes["done"].append(
                 (o.at, seq, o.polls, _JSON.encode(step.result), transcript, *guard)
             )
-        elif isinstance(step, chat.Next) and row.cancel:  # the answered turn is its last
+        elif row.cancel:  # the answered turn is its last (a turn over budget: cancelled too)
             b.writes["chat_cancelled"].append((
                 o.at, b.finish(row, "cancelled"), o.polls, step.turn, canonical(step.body),
                 transcript, *guard,

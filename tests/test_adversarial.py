@@ -145,6 +145,23 @@ def test_cancel_stops_chats_whose_turn_is_running_and_retry_resumes_them(
                for i in range(3))  # fmt: skip
 
 
+def test_a_cancelled_chat_whose_next_turn_is_over_budget_is_cancelled_with_its_usage(
+    tmp_path: Path,
+) -> None:
+    # review: the collected answer of a cancelled chat, its next turn over the context budget,
+    # failed the chat ("over the context budget") instead of cancelling it; and the line of a
+    # failed or cancelled chat had no usage, though it carries paid turns
+    write_jobs(tmp_path / "jobs.jsonl", [{"id": "c", "turns": ["x" * 300, "y" * 300]}])
+    with emulator_process("--latency", "2:2.5", "--cancel-mode", "ignore") as url:
+        kill_when_running(tmp_path, url, 1)
+        assert run(["cancel"], tmp_path, url).returncode == 0
+        r = run(["run", "-o", "out.jsonl", "--context-budget", "200"], tmp_path, url)
+        assert r.returncode == 0, r.stderr
+    [line] = read_out(tmp_path / "out.jsonl")
+    assert line["status"] == "cancelled" and len(line["turns"]) == 1
+    assert line["usage"] == line["turns"][0]["usage"] and line["usage"]["totalTokens"] > 0
+
+
 def test_bytes_written_to_the_output_during_a_run_are_left_alone(tmp_path: Path) -> None:
     # review: runner checked the file only at start; a line a user appended mid-run was cut
     # (the file was cut back to runner's length and written over), and the run exited 0
