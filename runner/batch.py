@@ -66,6 +66,9 @@ class Quotas:
     hour: float = 3600.0  # the hourly window's length (shorter only in compressed-time tests)
 
 
+EMULATOR_PRIOR = 1.0  # seconds: the built-in emulator's default latency is 0.05-0.2 s
+
+
 class Batch:
     def __init__(
         self,
@@ -90,7 +93,7 @@ class Batch:
         retention: float = 3 * 24 * 3600.0,
         storage_patience: float = 60.0,
         probe_max: float = 120.0,
-        latency_prior: float = 15.0,
+        latency_prior: float | None = None,
         prices: dict[str, float] | None = None,
         progress: Callable[[Snapshot], None] | None = None,
         progress_interval: float = 10.0,
@@ -105,6 +108,8 @@ class Batch:
         self.path = os.fspath(db)
         self.mode = mode
         q = quotas or Quotas()
+        if latency_prior is None:  # the docs say minutes; the built-in emulator answers at once
+            latency_prior = EMULATOR_PRIOR if emulator else 15.0
         for name, value, least in (
             ("quotas.submit_rps", q.submit_rps, 0.01), ("quotas.poll_rps", q.poll_rps, 0.01),
             ("quotas.hour", q.hour, 0.1), ("request_timeout", request_timeout, 0.1),

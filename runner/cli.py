@@ -188,7 +188,7 @@ def dump(data: Any) -> None:
               help="Stop (exit 4) once the API has been unreachable this long (default: wait).")
 @click.option("--retention", default="3d", hidden=True, type=Duration(),
               help="How long the server keeps results; a 404 for a younger operation stops the run.")
-@click.option("--latency-prior", default="15s", hidden=True, type=Duration(), envvar="RUNNER_LATENCY_PRIOR",
+@click.option("--latency-prior", hidden=True, type=Duration(positive=True), envvar="RUNNER_LATENCY_PRIOR",
               help="First poll before any latency is learned (compressed-time benchmarks).")
 @click.option("--probe-max", default=120.0, hidden=True, type=Number(min=0.05),
               help="Longest wait between probes of an unreachable API (seconds).")

@@ -160,6 +160,14 @@ def test_non_finite_or_negative_numbers_are_refused_before_anything_is_stored(
         runner.Batch("py.db", **({"quotas": runner.Quotas(**{name: value})} if quota else {name: value}))
 
 
+def test_the_built_in_emulator_is_polled_from_its_own_latency_not_the_apis(cwd: Path) -> None:
+    # newcomer: the README's first command took 35-46 s for seven jobs the emulator answers in
+    # 0.2 s: every first poll (each chat turn's too) waited the API's 15 s prior
+    assert runner.Batch("e.db", emulator=True).settings.policy.prior == 1.0
+    assert runner.Batch("a.db").settings.policy.prior == 15.0
+    assert runner.Batch("p.db", emulator=True, latency_prior=3).settings.policy.prior == 3
+
+
 def test_exact_without_dry_run_is_refused_not_ignored(cwd: Path) -> None:
     (cwd / "one.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
     r = CliRunner().invoke(cli, ["run", "one.jsonl", "--emulator", "--exact"])
