@@ -37,6 +37,7 @@ from runner.polling import PollPolicy
 from runner.progress import Snapshot
 from runner.queue import Queue
 from runner.scheduler import Settings
+from runner.writer import apply_rescue
 
 log = logging.getLogger("runner")
 Jobs = str | os.PathLike[str] | Iterable[str | dict[str, Any]]
@@ -119,7 +120,8 @@ class Batch:
             ("latency_prior", latency_prior, 1e-3), ("progress_interval", progress_interval, 0.01),
         ):  # as the CLI's options: nan passes every comparison, inf overflows the pacers
             if not (math.isfinite(value) and value >= least):
-                raise UsageError(f"{name}: {value!r}; give a finite number from {least:g}")
+                option = "--" + name.split(".")[-1].replace("_", "-")
+                raise UsageError(f"{name} ({option}): {value!r}; give a finite number from {least:g}")
         self.settings = settings or Settings(
             submit_rps=q.submit_rps, submit_per_hour=q.submit_per_hour, poll_rps=q.poll_rps,
             sync_concurrency=q.sync_concurrency, quota_window=q.hour, mode=mode,
@@ -186,12 +188,12 @@ class Batch:
         for suffix in ("-wal", "-shm", ".lock", ".emulator"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(side_file(self.path, suffix))
-        if self._created == "new":
+        if self._created == "new":  # the file itself: --db may be a link to where it was made
             with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+                os.remove(side_file(self.path, ""))
         else:  # an empty file the user made (say with mkstemp) is left as it was: empty
             with contextlib.suppress(FileNotFoundError):
-                os.truncate(self.path, 0)
+                os.truncate(side_file(self.path, ""), 0)
 
     async def _open(self, write: bool = True) -> Database:
         if write:
@@ -338,7 +340,9 @@ class Batch:
         self._refuse_while_running("retry")
         must_exist(self.path)
         with storage_guard(self.path):
-            return await Queue(await self._open()).retry(status, error_code)
+            queue = Queue(await self._open())
+            await apply_rescue(queue, self.settings.context_budget)  # ids a full disk kept apart
+            return await queue.retry(status, error_code)
 
     async def cancel(self, pending_only: bool = False) -> dict[str, int]:
         """Cancel pending jobs; ask the server to cancel running operations (see ``plan``)."""
@@ -347,6 +351,7 @@ class Batch:
         self._refuse_while_running("cancel")
         must_exist(self.path)
         with storage_guard(self.path):
+            await apply_rescue(Queue(await self._open()), self.settings.context_budget)
             return await cancel(self, pending_only)
 
     async def plan(self, jobs: Jobs, exact: bool = False) -> dict[str, Any]:

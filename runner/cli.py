@@ -121,10 +121,13 @@ def batch_of(ctx: click.Context, db: str, **kw: Any) -> Any:
         prices = pricing.parse_prices(pop("price", ()))
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    return Batch(db, model=pop("model", "yandexgpt-lite"), folder_id=pop("folder_id"),
-                 emulator=pop("emulator", False), llm_url=pop("llm_url"),
-                 operation_url=pop("operation_url"), iam_token_command=pop("iam_token_command"),
-                 request_timeout=pop("request_timeout", 60.0), prices=prices, **kw)  # fmt: skip
+    try:
+        return Batch(db, model=pop("model", "yandexgpt-lite"), folder_id=pop("folder_id"),
+                     emulator=pop("emulator", False), llm_url=pop("llm_url"),
+                     operation_url=pop("operation_url"), iam_token_command=pop("iam_token_command"),
+                     request_timeout=pop("request_timeout", 60.0), prices=prices, **kw)  # fmt: skip
+    except RunnerError as e:  # a value the options let through and Batch refuses
+        raise _fail(e) from None
 
 
 class Group(click.Group):
@@ -236,39 +239,9 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
     batch.handle_signals = True
 
     async def go() -> Any:
-        # a signal before the run's workers start (adding jobs, a dry run, the run's start)
-        # cancels what is under way (each step is atomic) and exits 130; from then on the run
-        # stops its workers and saves its state (Batch.interrupt)
-        import signal
+        from runner.interrupts import listening
 
-        import anyio
-
-        from runner.errors import Interrupted
-
-        batch.interrupt, result, error = anyio.Event(), None, None
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-            async with anyio.create_task_group() as tg:
-
-                async def watch() -> None:
-                    async for _ in received:
-                        batch.interrupt.set()
-                        if not batch.driving:
-                            setup.cancel()
-
-                tg.start_soon(watch)
-                try:  # what work raises is raised as itself below, not in the task group's group
-                    with anyio.CancelScope() as setup:
-                        if early:  # before the receiver was in place
-                            setup.cancel()
-                        result = await work()
-                except Exception as e:
-                    error = e
-                tg.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        if setup.cancelled_caught:
-            raise Interrupted("interrupted before anything was sent; run the same command to start again")
-        return result
+        return await listening(batch, early, work)
 
     async def work() -> Any:
         nonlocal live
@@ -300,15 +273,10 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
                     live.stop()
             return added, report
 
-    import signal  # until the run listens (go), a signal is remembered, not a KeyboardInterrupt
+    from runner.interrupts import remembered
 
-    early: list[int] = []
-    kept = {n: signal.signal(n, lambda n, _: early.append(n)) for n in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with remembered() as early:  # until the run listens (go), a signal is remembered
         result = call(go)
-    finally:
-        for n, handler in kept.items():
-            signal.signal(n, handler)
     if dry_run:
         return dump(result) if as_json else click.echo(display.plan(result, db))
     added, report = result
@@ -502,4 +470,7 @@ def check(ctx: click.Context, /, db: str, as_json: bool, verbose: int, quiet: bo
 
 
 def main() -> None:
+    from runner.interrupts import exit_at_once
+
+    exit_at_once()
     cli(prog_name="runner")

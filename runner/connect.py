@@ -56,9 +56,10 @@ def refuse_emulator_batch(db_path: str, endpoints: Endpoints, unfinished: int) -
     Resumed without it, its operations are unknown to the API asked (404), and its jobs would be
     finished by the real API beside the emulator's made-up answers. Say so before anything is
     stored or sent, rather than blame the URL or the credentials."""
-    if unfinished and not endpoints.emulator and os.path.exists(side_file(db_path, ".emulator")):
+    state = side_file(db_path, ".emulator")
+    if unfinished and not endpoints.emulator and os.path.exists(state):
         raise UsageError(
-            f"{db_path} was run against the built-in emulator ({db_path}.emulator holds its "
+            f"{db_path} was run against the built-in emulator ({state} holds its "
             "operations): add --emulator (emulator=True in Python) to resume it; for the real "
             "API, use another --db"
         )

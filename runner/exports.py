@@ -21,7 +21,7 @@ import anyio
 
 from runner.database import Database, storage_guard
 from runner.errors import StorageError, UsageError
-from runner.output import check_target, extend, fingerprint
+from runner.output import check_free, check_target, extend, fingerprint
 
 CSV_COLUMNS = (
     "id", "status", "text", "alternativeStatus", "inputTextTokens", "completionTokens",
@@ -56,6 +56,7 @@ def render(lines: list[dict[str, Any]], fmt: str, request: bool) -> str:
 async def export_file(db: Database, path: str, text: str) -> None:
     """Write an export through a temporary file and ``os.replace``; refuse foreign files."""
     check_target(path, db.path)
+    check_free(path)  # a live run's output, even while still empty
     key = os.path.realpath(path)
     row = await db.row("SELECT size, tail, kind FROM outputs WHERE path = ?", key)
     if os.path.exists(path) and os.path.getsize(path) > 0:

@@ -146,11 +146,12 @@ async def cancel(batch: Batch, pending_only: bool) -> dict[str, int]:
     db = await batch._open()
     queue = Queue(db)
     running = [] if pending_only else await queue.running()
-    report = {"cancelledPending": 0, "cancelledRunning": 0, "finishedRunning": 0,
-              "leftRunning": len(running)}  # fmt: skip
-    if running:
-        creds = connect.credentials(*batch._creds, emulator=batch.endpoints.emulator)
-        await queue.request_cancel()  # before asking the server: an answer it gives is the last
+    creds = connect.credentials(*batch._creds, emulator=batch.endpoints.emulator) if running else None
+    # first, in one transaction: nothing more is sent for this batch, whatever stops this
+    # command (an answer the server gives below is a running job's last)
+    report = {"cancelledPending": await queue.cancel_pending(running=bool(running)),
+              "cancelledRunning": 0, "finishedRunning": 0, "leftRunning": len(running)}  # fmt: skip
+    if creds is not None:
         outcomes: list[Outcome] = []
         try:
             async with connect.connect(creds, batch.endpoints, db.path, batch.request_timeout) as client:
@@ -176,5 +177,4 @@ async def cancel(batch: Batch, pending_only: bool) -> dict[str, int]:
         finally:
             await queue.apply(outcomes, batch.settings.context_budget)  # answers are never dropped
         report["leftRunning"] -= report["cancelledRunning"] + report["finishedRunning"]
-    report["cancelledPending"] = await queue.cancel_pending()
     return report

@@ -257,17 +257,15 @@ class Queue:
                 await output.invalidate(con)
         return moved
 
-    async def request_cancel(self) -> None:
-        """Mark the running jobs as cancelled by the user: their answers, if they come, are
-        recorded and finish them; nothing more is sent for them (a chat's next turn, or a
-        resubmit)."""
-        async with self.db.transaction() as con:
-            await con.execute("UPDATE jobs SET cancel_requested = 1 WHERE state = 'running'")
-
-    async def cancel_pending(self) -> int:
+    async def cancel_pending(self, running: bool = False) -> int:
         """Cancel every job not yet sent, including those a killed run left mid-submit: those
-        are counted as ambiguous (the server may have them), and the next run sends none."""
+        are counted as ambiguous (the server may have them), and the next run sends none.
+        ``running``: in the same transaction, mark the running jobs as cancelled by the user:
+        their answers, if they come, are recorded and finish them; nothing more is sent for
+        them (a chat's next turn, or a resubmit)."""
         async with self.db.transaction() as con:
+            if running:
+                await con.execute("UPDATE jobs SET cancel_requested = 1 WHERE state = 'running'")
             await con.execute(
                 "INSERT INTO operations (job, fence, turn, sent_at, ambiguous) "
                 "SELECT rowid, fence, turn, COALESCE(submitted_at, ?), 1 FROM jobs "

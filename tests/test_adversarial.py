@@ -7,6 +7,7 @@ disk, and a real tmpfs where the machine allows mounting one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +191,9 @@ def test_two_runs_of_two_databases_never_write_one_output(tmp_path: Path) -> Non
     # review: each run checked the empty file, then wrote at its own offsets over the other's
     # lines: a.db's 50 lines were all overwritten by b.db's, and b exited 0
     make_jobs(tmp_path / "jobs.jsonl", 30)
+    (tmp_path / "one.jsonl").write_text('{"id": "x", "prompt": "y"}\n')
     with emulator_process("--latency", "1:2") as url:
+        assert run(["run", "one.jsonl", "--db", "c.db"], tmp_path, url).returncode == 0
         first = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--db", "a.db", "-o", "out.jsonl"),
                                  cwd=tmp_path, env=child_env(url), stderr=subprocess.DEVNULL)  # fmt: skip
         deadline = time.monotonic() + 30
@@ -199,6 +203,9 @@ def test_two_runs_of_two_databases_never_write_one_output(tmp_path: Path) -> Non
         second = run(["run", "jobs.jsonl", "--db", "b.db", "-o", "out.jsonl"], tmp_path, url)
         assert second.returncode == 2 and "another runner is writing it" in second.stderr
         assert not (tmp_path / "b.db").exists()  # refused before anything was stored
+        # nor may an export of another database replace it (it was, while still empty)
+        export = run(["results", "--db", "c.db", "-o", "out.jsonl"], tmp_path, url)
+        assert export.returncode == 2 and "another runner is writing it" in export.stderr
         assert first.wait(timeout=60) == 0
     assert sorted(r["id"] for r in read_out(tmp_path / "out.jsonl")) == sorted(
         f"j{i}" for i in range(30)
@@ -227,6 +234,74 @@ def test_ctrl_c_while_jobs_are_being_added_stops_before_anything_is_sent(tmp_pat
     assert proc.returncode == 130, err
     assert "interrupted before anything was sent" in err and "Traceback" not in err
     assert stats.get("submits", 0) == 0
+
+
+def test_a_second_ctrl_c_ends_a_run_waiting_for_its_requests(tmp_path: Path) -> None:
+    # review: after the first Ctrl-C (the run waits for the requests on the wire: here sync
+    # completions of 40 s), a second Ctrl-C and a SIGTERM were ignored until they came back
+    make_jobs(tmp_path / "jobs.jsonl", 2)
+    with stoppable_emulator("--latency", "40:41") as (url, _):
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--mode", "sync"), cwd=tmp_path,
+                                env=child_env(url), stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while db_states(tmp_path / "runner.db").get("submitting", 0) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        assert proc.poll() is None  # the first waits for the answers on the wire
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+
+
+def test_cancel_stopped_part_way_has_cancelled_every_pending_job(tmp_path: Path) -> None:
+    # review: cancel marked the running jobs, then asked the server about each (at the poll
+    # rate) and cancelled the pending ones last: stopped part way, the pending ones stayed
+    # pending and the next run, which collects the running ones, paid for them
+    jobs = [{"id": f"c{i}", "turns": ["one", "two"]} for i in range(2)]
+    write_jobs(tmp_path / "jobs.jsonl", [*jobs, *({"id": f"p{i}", "prompt": "x"} for i in range(8))])
+    with stoppable_emulator("--latency", "2:2.5", "--cancel-mode", "ignore") as (url, emu):
+        kill_when_running(tmp_path, url, 2, rps="1")
+        emu.send_signal(signal.SIGSTOP)  # the server stops answering: cancel waits on it
+        cancel = subprocess.Popen(runner_cmd("cancel"), cwd=tmp_path, env=child_env(url),
+                                  stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(3)
+        cancel.send_signal(signal.SIGTERM)
+        cancel.wait(timeout=30)
+        emu.send_signal(signal.SIGCONT)
+        states = db_states(tmp_path / "runner.db")
+        assert states.get("pending", 0) == 0 and states["cancelled"] >= 6, states
+        before = emulator_stats(url)["submits"]
+        assert run(["run"], tmp_path, url).returncode == 0
+        assert emulator_stats(url)["submits"] == before  # nothing more was paid for
+
+
+@contextlib.contextmanager
+def stoppable_emulator(*args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """An emulator process the test may stop (SIGSTOP) and that is killed at the end, requests
+    held open or not."""
+    from tests.procs import free_port
+
+    port = free_port()
+    emu = subprocess.Popen(runner_cmd("emulator", "--port", str(port), *args), env=child_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                emulator_stats(url)
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        yield url, emu
+    finally:
+        emu.send_signal(signal.SIGCONT)
+        emu.kill()
+        emu.wait(10)
 
 
 def limited(limit: int) -> Any:

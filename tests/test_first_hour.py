@@ -144,7 +144,8 @@ def test_an_empty_batch_warns_and_names_its_database(cwd: Path) -> None:
 
 @pytest.mark.parametrize("option", [["--submit-rps", "inf"], ["--poll-rps", "nan"],
                                     ["--request-timeout", "inf"], ["--op-deadline", "0"],
-                                    ["--max-outage", "-5"], ["--op-deadline", "nan"]])  # fmt: skip
+                                    ["--max-outage", "-5"], ["--op-deadline", "nan"],
+                                    ["--latency-prior", "0.0001"]])  # fmt: skip
 def test_non_finite_or_negative_numbers_are_refused_before_anything_is_stored(
     cwd: Path, option: list[str]
 ) -> None:
@@ -155,7 +156,8 @@ def test_non_finite_or_negative_numbers_are_refused_before_anything_is_stored(
     assert r.exit_code == 2 and option[0] in r.output and "Traceback" not in r.output
     assert not (cwd / "runner.db").exists()
     name, value = option[0][2:].replace("-", "_"), float(option[1])
-    quota = name in ("submit_rps", "poll_rps")  # the Python API refuses the same
+    quota = name in ("submit_rps", "poll_rps")  # the Python API refuses the same (a value
+    # only it refused, the CLI let through and crashed on: --latency-prior 0.0001)
     with pytest.raises(runner.UsageError, match=f"quotas.{name}" if quota else name):
         runner.Batch("py.db", **({"quotas": runner.Quotas(**{name: value})} if quota else {name: value}))
 
@@ -166,6 +168,18 @@ def test_the_built_in_emulator_is_polled_from_its_own_latency_not_the_apis(cwd: 
     assert runner.Batch("e.db", emulator=True).settings.policy.prior == 1.0
     assert runner.Batch("a.db").settings.policy.prior == 15.0
     assert runner.Batch("p.db", emulator=True, latency_prior=3).settings.policy.prior == 3
+
+
+def test_a_dangling_symlink_as_db_is_left_as_it_was_when_nothing_is_stored(cwd: Path) -> None:
+    # review: a bad jobs file with --db a dangling link deleted the user's link and left the
+    # database it had made at the link's target
+    (cwd / "data").mkdir()
+    (cwd / "my.db").symlink_to("data/real.db")
+    (cwd / "bad.jsonl").write_text('{"id": "a", "promt": "typo"}\n')
+    r = CliRunner().invoke(cli, ["run", "bad.jsonl", "--emulator", "--db", "my.db"])
+    assert r.exit_code == 2 and "unknown field" in r.output
+    assert (cwd / "my.db").is_symlink() and not (cwd / "data" / "real.db").exists()
+    assert list((cwd / "data").iterdir()) == []
 
 
 def test_exact_without_dry_run_is_refused_not_ignored(cwd: Path) -> None:
