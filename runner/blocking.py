@@ -66,7 +66,7 @@ def blocking(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         try:
             return anyio.run(fn)
         except KeyboardInterrupt:
-            raise Interrupted("interrupted: state is saved; call again to resume") from None
+            raise Interrupted("interrupted: what was sent is saved or counted as ambiguous; run it again to resume") from None
     # a loop is running in this thread (Jupyter): run ours in a worker thread
     with anyio.from_thread.start_blocking_portal() as portal:
         future = portal.start_task_soon(fn)
@@ -75,5 +75,5 @@ def blocking(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
             return result
         except KeyboardInterrupt:
             future.cancel()
-            raise Interrupted("interrupted: state is saved; call again to resume") from None
+            raise Interrupted("interrupted: what was sent is saved or counted as ambiguous; run it again to resume") from None
 

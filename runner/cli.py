@@ -77,6 +77,9 @@ def setup_logging(ctx: click.Context, verbose: int = 0, quiet: bool = False) -> 
     v, q = ctx.obj or (0, False)
     v, q = max(v, verbose), q or quiet
     ctx.obj = (v, q)
+    from runner.interrupts import as_usual
+
+    as_usual()  # every command starts here: Ctrl-C as usual (not runner.entry's exit at once)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
     logging.getLogger().setLevel(logging.DEBUG if v >= 3 else logging.WARNING)
@@ -470,7 +473,4 @@ def check(ctx: click.Context, /, db: str, as_json: bool, verbose: int, quiet: bo
 
 
 def main() -> None:
-    from runner.interrupts import exit_at_once
-
-    exit_at_once()
     cli(prog_name="runner")

@@ -1,8 +1,10 @@
 """Ctrl-C and SIGTERM for the CLI, from the process's first moment to its last.
 
-A signal must never be lost, and must never cost money. Until the command's event loop
-listens, a signal is remembered (``remembered``; before even that, in ``main``, it ends the
-process with exit code 130, nothing having been done). ``listening`` runs the command: a signal
+A signal must never be lost, and must never cost money. From the entry point until a command
+starts, a signal ends the process with exit code 130, nothing having been done
+(``exit_at_once``, in ``runner.entry``, before the heavy imports); other commands then take
+Ctrl-C as usual (``as_usual``); ``run`` remembers a signal until its event loop listens
+(``remembered``). ``listening`` runs the command: a signal
 before the run's workers start (adding jobs, a dry run, the run's own start) cancels what is
 under way (each step is atomic) and raises ``Interrupted`` with nothing sent; once they have
 started it sets ``Batch.interrupt``, and the run finishes the requests on the wire (their
@@ -32,6 +34,13 @@ def exit_at_once() -> None:
     """Before anything is done (imports, options): a signal ends the process, exit 130."""
     for number in SIGNALS:
         signal.signal(number, lambda *_: sys.exit(130))
+
+
+def as_usual() -> None:
+    """A command starts: Ctrl-C is a KeyboardInterrupt again (``blocking`` makes it exit 130
+    once the command's own cleanup ran), SIGTERM the default; ``run`` listens on its own."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

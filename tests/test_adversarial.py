@@ -278,6 +278,23 @@ def test_cancel_stopped_part_way_has_cancelled_every_pending_job(tmp_path: Path)
         assert emulator_stats(url)["submits"] == before  # nothing more was paid for
 
 
+def test_ctrl_c_in_a_command_other_than_run_says_so_after_its_cleanup(tmp_path: Path) -> None:
+    # review: the handler that ends the process at once during start-up stayed for the whole
+    # command: `cancel` (waiting on a server that hangs) exited 130 saying nothing, `results`
+    # skipped closing its batch ("coroutine 'Batch.__aexit__' was never awaited") and once hung
+    make_jobs(tmp_path / "jobs.jsonl", 4)
+    with stoppable_emulator("--latency", "2:2.5") as (url, emu):
+        kill_when_running(tmp_path, url, 2)
+        emu.send_signal(signal.SIGSTOP)
+        cancel = subprocess.Popen(runner_cmd("cancel"), cwd=tmp_path, env=child_env(url),
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(3)
+        cancel.send_signal(signal.SIGINT)
+        _, err = cancel.communicate(timeout=30)
+    assert cancel.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err and "never awaited" not in err
+
+
 @contextlib.contextmanager
 def stoppable_emulator(*args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """An emulator process the test may stop (SIGSTOP) and that is killed at the end, requests
