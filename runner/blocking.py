@@ -58,6 +58,10 @@ def _ids(items: list[str | dict[str, Any]]) -> list[str]:
     return [str(x["id"]) if has_id(x) else f"item-{i}" for i, x in enumerate(items)]  # type: ignore[index]
 
 
+INTERRUPTED = ("interrupted: state is saved (a request that was on the wire counts as ambiguous); "
+               "run the same command again to resume")
+
+
 def blocking(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run ``fn`` to completion from synchronous code, even inside a running event loop."""
     try:
@@ -66,7 +70,7 @@ def blocking(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         try:
             return anyio.run(fn)
         except KeyboardInterrupt:
-            raise Interrupted("interrupted: what was sent is saved or counted as ambiguous; run it again to resume") from None
+            raise Interrupted(INTERRUPTED) from None
     # a loop is running in this thread (Jupyter): run ours in a worker thread
     with anyio.from_thread.start_blocking_portal() as portal:
         future = portal.start_task_soon(fn)
@@ -75,5 +79,5 @@ def blocking(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
             return result
         except KeyboardInterrupt:
             future.cancel()
-            raise Interrupted("interrupted: what was sent is saved or counted as ambiguous; run it again to resume") from None
+            raise Interrupted(INTERRUPTED) from None
 

@@ -8,6 +8,7 @@ they and ``-q`` work before or after the command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,11 +31,14 @@ def _fail(e: RunnerError) -> click.ClickException:
     return error
 
 
-def call(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+def call(fn: Callable[[], Coroutine[Any, Any, Any]], listens: bool = False) -> Any:
+    """Run a command's work; ``listens``: it handles signals itself (``run``)."""
     from runner.blocking import blocking
+    from runner.interrupts import as_usual
 
     try:
-        return blocking(fn)
+        with contextlib.nullcontext() if listens else as_usual():  # a signal now interrupts
+            return blocking(fn)  # the work, which cleans up (exit 130)
     except RunnerError as e:
         raise _fail(e) from None
 
@@ -77,9 +81,6 @@ def setup_logging(ctx: click.Context, verbose: int = 0, quiet: bool = False) -> 
     v, q = ctx.obj or (0, False)
     v, q = max(v, verbose), q or quiet
     ctx.obj = (v, q)
-    from runner.interrupts import as_usual
-
-    as_usual()  # every command starts here: Ctrl-C as usual (not runner.entry's exit at once)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
     logging.getLogger().setLevel(logging.DEBUG if v >= 3 else logging.WARNING)
@@ -279,7 +280,7 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
     from runner.interrupts import remembered
 
     with remembered() as early:  # until the run listens (go), a signal is remembered
-        result = call(go)
+        result = call(go, listens=True)
     if dry_run:
         return dump(result) if as_json else click.echo(display.plan(result, db))
     added, report = result

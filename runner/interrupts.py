@@ -1,10 +1,10 @@
 """Ctrl-C and SIGTERM for the CLI, from the process's first moment to its last.
 
 A signal must never be lost, and must never cost money. From the entry point until a command
-starts, a signal ends the process with exit code 130, nothing having been done
-(``exit_at_once``, in ``runner.entry``, before the heavy imports); other commands then take
-Ctrl-C as usual (``as_usual``); ``run`` remembers a signal until its event loop listens
-(``remembered``). ``listening`` runs the command: a signal
+starts its work, a signal ends the process with exit code 130, nothing having been done
+(``exit_at_once``, in ``runner.entry``, before the heavy imports); during a command's work it
+is a KeyboardInterrupt its cleanup sees (``as_usual``); ``run`` remembers a signal until its
+event loop listens (``remembered``). ``listening`` runs the command: a signal
 before the run's workers start (adding jobs, a dry run, the run's own start) cancels what is
 under way (each step is atomic) and raises ``Interrupted`` with nothing sent; once they have
 started it sets ``Batch.interrupt``, and the run finishes the requests on the wire (their
@@ -30,17 +30,31 @@ if TYPE_CHECKING:
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+_installed = False  # by the entry point only: a command run in-process changes no handler
+
+
 def exit_at_once() -> None:
-    """Before anything is done (imports, options): a signal ends the process, exit 130."""
+    """Outside a command's work (imports, options, printing): a signal ends the process with
+    exit code 130; nothing is under way to finish."""
+    global _installed
+    _installed = True
     for number in SIGNALS:
         signal.signal(number, lambda *_: sys.exit(130))
 
 
-def as_usual() -> None:
-    """A command starts: Ctrl-C is a KeyboardInterrupt again (``blocking`` makes it exit 130
-    once the command's own cleanup ran), SIGTERM the default; ``run`` listens on its own."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+@contextlib.contextmanager
+def as_usual() -> Iterator[None]:
+    """A command's work (``cli.call``): Ctrl-C and SIGTERM are a KeyboardInterrupt, which the
+    work's own cleanup sees and ``blocking`` turns into exit 130; ``run`` listens on its own."""
+    if not _installed:
+        yield
+        return
+    for number in SIGNALS:
+        signal.signal(number, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        exit_at_once()
 
 
 @contextlib.contextmanager

@@ -278,10 +278,14 @@ def test_cancel_stopped_part_way_has_cancelled_every_pending_job(tmp_path: Path)
         assert emulator_stats(url)["submits"] == before  # nothing more was paid for
 
 
-def test_ctrl_c_in_a_command_other_than_run_says_so_after_its_cleanup(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_in_a_command_other_than_run_says_so_after_its_cleanup(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
     # review: the handler that ends the process at once during start-up stayed for the whole
     # command: `cancel` (waiting on a server that hangs) exited 130 saying nothing, `results`
-    # skipped closing its batch ("coroutine 'Batch.__aexit__' was never awaited") and once hung
+    # skipped closing its batch ("coroutine 'Batch.__aexit__' was never awaited") and once hung;
+    # then SIGTERM killed `cancel` silently (rc -15)
     make_jobs(tmp_path / "jobs.jsonl", 4)
     with stoppable_emulator("--latency", "2:2.5") as (url, emu):
         kill_when_running(tmp_path, url, 2)
@@ -289,10 +293,44 @@ def test_ctrl_c_in_a_command_other_than_run_says_so_after_its_cleanup(tmp_path: 
         cancel = subprocess.Popen(runner_cmd("cancel"), cwd=tmp_path, env=child_env(url),
                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
         time.sleep(3)
-        cancel.send_signal(signal.SIGINT)
+        cancel.send_signal(sig)
         _, err = cancel.communicate(timeout=30)
     assert cancel.returncode == 130
-    assert "interrupted" in err and "Traceback" not in err and "never awaited" not in err
+    assert "interrupted: state is saved" in err and "Traceback" not in err
+    assert "never awaited" not in err
+
+
+def test_ctrl_c_stops_status_watch_with_130(tmp_path: Path) -> None:
+    # review: `status --watch` ("until Ctrl-C") exited 1, "Aborted!", which means some jobs failed
+    make_jobs(tmp_path / "jobs.jsonl", 2)
+    with emulator_process() as url:
+        assert run(["run", "jobs.jsonl"], tmp_path, url).returncode == 0
+    watch = subprocess.Popen(runner_cmd("status", "--watch"), cwd=tmp_path, env=child_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(2.5)
+    watch.send_signal(signal.SIGINT)
+    _, err = watch.communicate(timeout=20)
+    assert watch.returncode == 130, err
+    assert "Aborted" not in err and "Traceback" not in err
+
+
+def test_a_command_run_in_process_leaves_the_hosts_signal_handlers_alone(tmp_path: Path) -> None:
+    # review: every command set the process's SIGINT and SIGTERM handlers, so an application
+    # (or test) calling the CLI in-process lost its own, and from a thread it failed
+    from click.testing import CliRunner
+
+    from runner.cli import cli
+
+    def mine(*_: Any) -> None:
+        pass
+
+    kept = signal.signal(signal.SIGTERM, mine)
+    try:
+        for args in (["status", "--db", str(tmp_path / "none.db")], ["--version"]):
+            CliRunner().invoke(cli, args)
+            assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, kept)
 
 
 @contextlib.contextmanager

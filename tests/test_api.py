@@ -124,7 +124,7 @@ def test_an_interrupt_becomes_interrupted_and_the_next_call_resumes(tmp_path: Pa
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 7, err
-    assert "INTERRUPTED: interrupted: what was sent is saved" in out
+    assert "INTERRUPTED: interrupted: state is saved" in out
     assert db_states(tmp_path / "i.db") == {"running": 5}  # nothing lost, nothing resent
 
 
