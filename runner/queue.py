@@ -236,20 +236,18 @@ class Queue:
                 f"SELECT rowid, ?, state, attempts, operation_id, error, result FROM jobs WHERE {cond}",
                 (time.time(), *args),
             )
+            fresh = ("next_at = 0, finish_seq = NULL, finished_at = NULL, faults_base = faults, "
+                     "resubmits_base = resubmits, result = NULL, error = NULL, "
+                     "cancel_requested = 0, op_unfinished = 0")  # fmt: skip
             # an operation never seen to end is polled again, not paid for again
             resumed = await con.execute(
-                "UPDATE jobs SET state = 'running', next_at = 0, finish_seq = NULL, "
-                "finished_at = NULL, faults_base = faults, resubmits_base = resubmits, "
-                "result = NULL, error = NULL, cancel_requested = 0, op_unfinished = 0 "
+                f"UPDATE jobs SET state = 'running', {fresh} "
                 f"WHERE {cond} AND op_unfinished AND operation_id IS NOT NULL",
                 args,
             )
             cur = await con.execute(
-                "UPDATE jobs SET state = 'pending', next_at = 0, finish_seq = NULL, "
-                "finished_at = NULL, faults_base = faults, resubmits_base = resubmits, "
-                "idem_key = NULL, operation_id = NULL, result = NULL, error = NULL, "
-                "cancel_requested = 0 "
-                f"WHERE {cond}",
+                f"UPDATE jobs SET state = 'pending', {fresh}, idem_key = NULL, "
+                f"operation_id = NULL WHERE {cond}",
                 args,
             )
             moved = cur.rowcount + resumed.rowcount

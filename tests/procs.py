@@ -42,27 +42,47 @@ def child_env(url: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def emulator_process(*args: str) -> Iterator[str]:
+def _emulator(*args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """An emulator process on a free port, once it answers."""
     port = free_port()
     proc = subprocess.Popen(
         runner_cmd("emulator", "--port", str(port), *args),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/emulator/stats", timeout=1).read()
+            return proc, url
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("emulator did not start") from None
+            time.sleep(0.05)
+
+
+@contextmanager
+def emulator_process(*args: str) -> Iterator[str]:
+    proc, url = _emulator(*args)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/emulator/stats", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("emulator did not start") from None
-                time.sleep(0.05)
         yield url
     finally:
         proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def stoppable_emulator(*args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """An emulator the test may stop (SIGSTOP), killed at the end, requests held open or not."""
+    import signal
+
+    proc, url = _emulator(*args)
+    try:
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
         proc.wait(10)
 
 

@@ -7,7 +7,6 @@ disk, and a real tmpfs where the machine allows mounting one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -16,7 +15,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from tests.procs import (
     make_jobs,
     run,
     runner_cmd,
+    stoppable_emulator,
 )
 
 
@@ -331,32 +330,6 @@ def test_a_command_run_in_process_leaves_the_hosts_signal_handlers_alone(tmp_pat
             assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, kept)
-
-
-@contextlib.contextmanager
-def stoppable_emulator(*args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """An emulator process the test may stop (SIGSTOP) and that is killed at the end, requests
-    held open or not."""
-    from tests.procs import free_port
-
-    port = free_port()
-    emu = subprocess.Popen(runner_cmd("emulator", "--port", str(port), *args), env=child_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                emulator_stats(url)
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        yield url, emu
-    finally:
-        emu.send_signal(signal.SIGCONT)
-        emu.kill()
-        emu.wait(10)
 
 
 def limited(limit: int) -> Any:
