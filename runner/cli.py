@@ -1,4 +1,5 @@
-"""The command line: options in, one call to the Python API (``runner.Batch``), print.
+"""The command line: each command is options in, one call to the Python API (``runner.Batch``),
+print; the options several commands share, and the plumbing, are in ``runner.options``.
 
 A ``RunnerError`` becomes one line on stderr and its exit code (2 bad usage or input, 1 some jobs
 failed, 3 credentials refused, 4 API unreachable past --max-outage, 5 cannot write, 130
@@ -8,130 +9,30 @@ they and ``-q`` work before or after the command.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import math
 import sys
-from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any, ClassVar
 
 import click
 
-from runner import __version__, display, pricing
-from runner.errors import RunnerError
-
-ENV = "env: "
-
-
-def _fail(e: RunnerError) -> click.ClickException:
-    error = click.ClickException(str(e))
-    error.exit_code = e.exit_code  # type: ignore[misc]  # click reads it per instance
-    return error
-
-
-def call(fn: Callable[[], Coroutine[Any, Any, Any]], listens: bool = False) -> Any:
-    """Run a command's work; ``listens``: it handles signals itself (``run``)."""
-    from runner.blocking import blocking
-    from runner.interrupts import as_usual
-
-    try:
-        with contextlib.nullcontext() if listens else as_usual():  # a signal now interrupts
-            return blocking(fn)  # the work, which cleans up (exit 130)
-    except RunnerError as e:
-        raise _fail(e) from None
-
-
-class Duration(click.ParamType):  # type: ignore[type-arg]
-    name = "DURATION"
-
-    def __init__(self, positive: bool = False) -> None:
-        self.positive = positive
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
-        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-        text = str(value).strip().lower()
-        try:
-            seconds = float(value) if isinstance(value, int | float) else (
-                float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text))
-        except ValueError:
-            self.fail(f"{value!r}: give seconds, or a number with s, m, h or d (e.g. 30m)")
-        if not math.isfinite(seconds) or seconds < 0 or (self.positive and seconds == 0):
-            self.fail(f"{value!r}: give a finite duration {'above' if self.positive else 'from'} 0")
-        return seconds
-
-
-class Number(click.FloatRange):
-    """A finite number from ``min`` (nan passes every comparison, and inf overflows)."""
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
-
-
-def verbosity(fn: Any) -> Any:
-    fn = click.option("-v", "--verbose", count=True, help="More log lines: -v info, -vv debug, -vvv all libraries.")(fn)  # fmt: skip
-    return click.option("-q", "--quiet", is_flag=True, help="Errors only, no progress.")(fn)
-
-
-def setup_logging(ctx: click.Context, verbose: int = 0, quiet: bool = False) -> tuple[int, bool]:
-    v, q = ctx.obj or (0, False)
-    v, q = max(v, verbose), q or quiet
-    ctx.obj = (v, q)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
-    logging.getLogger().setLevel(logging.DEBUG if v >= 3 else logging.WARNING)
-    own = logging.ERROR if q else (logging.WARNING, logging.INFO, logging.DEBUG)[min(v, 2)]
-    logging.getLogger("runner").setLevel(own)
-    return v, q
-
-
-DB = click.option("--db", default="runner.db", show_default=True, envvar="RUNNER_DB",
-                  help=f"SQLite state file ({ENV}RUNNER_DB).")  # fmt: skip
-JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-PRICE = click.option("--price", multiple=True, metavar="MODEL=PER_1K",
-                     help="Override a model's price per 1,000 tokens (async), e.g. yandexgpt=0.6.")  # fmt: skip
-CONNECT = [
-    click.option("--emulator", is_flag=True, help="Run against the built-in emulator (no credentials needed)."),
-    click.option("--folder-id", help=f"Folder id ({ENV}YC_FOLDER_ID)."),
-    click.option("--llm-url", envvar="RUNNER_LLM_URL", help=f"Base URL of completion and tokenizer endpoints ({ENV}RUNNER_LLM_URL)."),
-    click.option("--operation-url", envvar="RUNNER_OPERATION_URL", help=f"Base URL of the operation service ({ENV}RUNNER_OPERATION_URL)."),
-    click.option("--iam-token-command", envvar="RUNNER_IAM_TOKEN_COMMAND", help=f'Command printing a fresh IAM token, e.g. "yc iam create-token" ({ENV}RUNNER_IAM_TOKEN_COMMAND).'),
-    click.option("--request-timeout", default=60.0, show_default=True, type=Number(min=0.1), help="Seconds per HTTP request."),
-    click.option("--model", default="yandexgpt-lite", show_default=True, help="Model for jobs that name none: a name, or a gpt:// URI."),
-]  # fmt: skip
-
-
-def options(opts: list[Any]) -> Callable[[Any], Any]:
-    def apply(fn: Any) -> Any:
-        for opt in reversed(opts):
-            fn = opt(fn)
-        return fn
-
-    return apply
-
-
-def batch_of(ctx: click.Context, db: str, **kw: Any) -> Any:
-    """A ``Batch`` from the common options (the rest go through ``kw``)."""
-    from runner.batch import Batch
-
-    def pop(name: str, default: Any = None) -> Any:
-        return kw.pop(name, default)
-
-    try:
-        prices = pricing.parse_prices(pop("price", ()))
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    try:
-        return Batch(db, model=pop("model", "yandexgpt-lite"), folder_id=pop("folder_id"),
-                     emulator=pop("emulator", False), llm_url=pop("llm_url"),
-                     operation_url=pop("operation_url"), iam_token_command=pop("iam_token_command"),
-                     request_timeout=pop("request_timeout", 60.0), prices=prices, **kw)  # fmt: skip
-    except RunnerError as e:  # a value the options let through and Batch refuses
-        raise _fail(e) from None
+from runner import __version__, display
+from runner.options import (
+    CONNECT,
+    DB,
+    JSON,
+    PRICE,
+    Duration,
+    Number,
+    batch_of,
+    call,
+    dump,
+    fail,
+    options,
+    reader,
+    setup_logging,
+    verbosity,
+    within,
+)
 
 
 class Group(click.Group):
@@ -161,10 +62,6 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     Credentials come from YC_API_KEY or YC_IAM_TOKEN, and YC_FOLDER_ID (see the README).
     """
     ctx.obj = (verbose, quiet)
-
-
-def dump(data: Any) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False))
 
 
 @cli.command()
@@ -294,12 +191,6 @@ def run(ctx: click.Context, /, jobs: str | None, db: str, output: str | None, dr
     sys.exit(report.exit_code)
 
 
-def reader(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Common plumbing of the commands that only read: --db, -v/-q."""
-    wrapped: Callable[..., Any] = DB(verbosity(click.pass_context(fn)))
-    return wrapped
-
-
 @cli.command()
 @JSON
 @click.option("--watch", is_flag=True, help="Refresh every 2 seconds until Ctrl-C.")
@@ -319,18 +210,13 @@ def status(ctx: click.Context, /, db: str, as_json: bool, watch: bool, price: tu
     setup_logging(ctx, verbose, quiet)
     while True:
         batch = batch_of(ctx, db, price=price)
-        data = call(partial(_with, batch, batch.status))
+        data = call(partial(within, batch, batch.status))
         if watch and not as_json:
             click.clear()
         dump(data) if as_json else click.echo(display.status(data))
         if not watch:
             return
         time.sleep(2)
-
-
-async def _with(batch: Any, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
-    async with batch:
-        return await fn(*args)
 
 
 @cli.command()
@@ -349,7 +235,7 @@ def jobs(ctx: click.Context, /, db: str, state: str | None, limit: int, as_json:
     """
     setup_logging(ctx, verbose, quiet)
     batch = batch_of(ctx, db)
-    rows, total = call(lambda: _with(batch, batch.jobs, state, limit))
+    rows, total = call(lambda: within(batch, batch.jobs, state, limit))
     dump({"jobs": rows, "total": total}) if as_json else click.echo(display.jobs(rows, total))
 
 
@@ -366,9 +252,9 @@ def show(ctx: click.Context, /, db: str, job_id: str, as_json: bool, verbose: in
     """
     setup_logging(ctx, verbose, quiet)
     batch = batch_of(ctx, db)
-    data = call(lambda: _with(batch, batch.show, job_id))
+    data = call(lambda: within(batch, batch.show, job_id))
     if data is None:
-        raise _fail(__import__("runner.errors", fromlist=["UsageError"]).UsageError(
+        raise fail(__import__("runner.errors", fromlist=["UsageError"]).UsageError(
             f"no job {job_id!r} in {db}"))  # fmt: skip
     dump(data) if as_json else click.echo(display.show(data))
 
@@ -395,7 +281,7 @@ def results(ctx: click.Context, /, db: str, output: str | None, fmt: str, state:
     setup_logging(ctx, verbose, quiet)
     batch = batch_of(ctx, db)
     if output is not None:
-        n = call(lambda: _with(batch, batch.export, output, fmt, state, include_request))
+        n = call(lambda: within(batch, batch.export, output, fmt, state, include_request))
         click.echo(f"{n} results written to {output}", err=True)
         return
 
@@ -426,7 +312,7 @@ def retry(ctx: click.Context, /, db: str, states: tuple[str, ...], error_code: i
     """
     setup_logging(ctx, verbose, quiet)
     batch = batch_of(ctx, db)
-    moved = call(lambda: _with(batch, batch.retry, tuple(states), error_code))
+    moved = call(lambda: within(batch, batch.retry, tuple(states), error_code))
     dump({"moved": moved}) if as_json else click.echo(
         f"{moved} jobs moved back to pending; run `runner run` to submit them again")
 
@@ -448,7 +334,7 @@ def cancel(ctx: click.Context, /, db: str, pending_only: bool, as_json: bool, ve
     """
     setup_logging(ctx, verbose, quiet)
     batch = batch_of(ctx, db, **kw)
-    report = call(lambda: _with(batch, batch.cancel, pending_only))
+    report = call(lambda: within(batch, batch.cancel, pending_only))
     dump(report) if as_json else click.echo(
         f"{report['cancelledPending']} pending jobs cancelled; running operations: "
         f"{report['cancelledRunning']} cancelled, {report['finishedRunning']} had finished and "
@@ -468,7 +354,7 @@ def check(ctx: click.Context, /, db: str, as_json: bool, verbose: int, quiet: bo
     """
     setup_logging(ctx, verbose, quiet)
     batch = batch_of(ctx, db, **kw)
-    report = call(lambda: _with(batch, batch.check))
+    report = call(lambda: within(batch, batch.check))
     dump(report) if as_json else click.echo(("OK: " if report["ok"] else "NOT OK: ") + report["message"])
     sys.exit(0 if report["ok"] else 3)
 

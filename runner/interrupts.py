@@ -44,7 +44,7 @@ def exit_at_once() -> None:
 
 @contextlib.contextmanager
 def as_usual() -> Iterator[None]:
-    """A command's work (``cli.call``): Ctrl-C and SIGTERM are a KeyboardInterrupt, which the
+    """A command's work (``options.call``): Ctrl-C and SIGTERM are a KeyboardInterrupt, which the
     work's own cleanup sees and ``blocking`` turns into exit 130; ``run`` listens on its own."""
     if not _installed:
         yield
