@@ -36,7 +36,7 @@ from runner.jobs import Result
 from runner.polling import PollPolicy
 from runner.progress import Snapshot
 from runner.queue import Queue
-from runner.scheduler import Settings
+from runner.settings import Settings
 from runner.writer import apply_rescue
 
 log = logging.getLogger("runner")

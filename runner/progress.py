@@ -22,7 +22,8 @@ import anyio
 from runner import reports
 
 if TYPE_CHECKING:
-    from runner.scheduler import Outage, Scheduler
+    from runner.scheduler import Scheduler
+    from runner.settings import Outage
 
 
 def duration(seconds: float) -> str:

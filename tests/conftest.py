@@ -18,7 +18,7 @@ from runner import emulator as emu
 from runner.batch import Batch
 from runner.execution import RunReport
 from runner.polling import PollPolicy
-from runner.scheduler import Settings
+from runner.settings import Settings
 
 SENTINEL_KEY = "sk-SENTINEL-7f3a9c"
 

@@ -124,7 +124,7 @@ async def test_a_refused_submit_and_a_chats_answer_are_committed_at_once(tmp_pat
 HELD_RUN = """
 import anyio, runner
 from runner.polling import PollPolicy
-from runner.scheduler import Settings
+from runner.settings import Settings
 
 async def main() -> None:
     settings = Settings(hold_window=600.0, policy=PollPolicy(prior=0.2))
