@@ -149,6 +149,22 @@ class _Batch:
         return self.seq
 
 
+async def _unsent_again(con: Any) -> int:
+    """Jobs a dead process left mid-submit go back to pending, each counted as ambiguous and
+    recorded in the ledger: the server may have created (and billed) their operation."""
+    await con.execute(
+        "INSERT INTO operations (job, fence, turn, sent_at, ambiguous) "
+        "SELECT rowid, fence, turn, COALESCE(submitted_at, ?), 1 FROM jobs "
+        "WHERE state = 'submitting'",
+        (time.time(),),
+    )
+    cur = await con.execute(
+        "UPDATE jobs SET state = 'pending', ambiguous = ambiguous + 1, next_at = 0 "
+        "WHERE state = 'submitting'"
+    )
+    return int(cur.rowcount)
+
+
 class Queue:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -159,19 +175,8 @@ class Queue:
         """Jobs a dead process left mid-submit: their fate is unknown, so send them again,
         counted as ambiguous and recorded in the ledger (they may be billed and count against
         the hourly quota)."""
-        now = time.time()
         async with self.db.transaction() as con:
-            await con.execute(
-                "INSERT INTO operations (job, fence, turn, sent_at, ambiguous) "
-                "SELECT rowid, fence, turn, COALESCE(submitted_at, ?), 1 FROM jobs "
-                "WHERE state = 'submitting'",
-                (now,),
-            )
-            cur = await con.execute(
-                "UPDATE jobs SET state = 'pending', ambiguous = ambiguous + 1, next_at = 0 "
-                "WHERE state = 'submitting'"
-            )
-            return cur.rowcount
+            return await _unsent_again(con)
 
     async def claim(self, limit: int, now: float) -> list[Claim]:
         async with self.db.transaction() as con:
@@ -264,16 +269,7 @@ class Queue:
         async with self.db.transaction() as con:
             if running:
                 await con.execute("UPDATE jobs SET cancel_requested = 1 WHERE state = 'running'")
-            await con.execute(
-                "INSERT INTO operations (job, fence, turn, sent_at, ambiguous) "
-                "SELECT rowid, fence, turn, COALESCE(submitted_at, ?), 1 FROM jobs "
-                "WHERE state = 'submitting'",
-                (time.time(),),
-            )
-            await con.execute(
-                "UPDATE jobs SET state = 'pending', ambiguous = ambiguous + 1 "
-                "WHERE state = 'submitting'"
-            )
+            await _unsent_again(con)
             cur = await con.execute(
                 "UPDATE jobs SET state = 'cancelled', finished_at = ?, "
                 f"finish_seq = p.n + ({TOP_SEQ}) "
