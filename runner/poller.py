@@ -50,6 +50,7 @@ class Poller:
         self.inflight = 0
         self.horizon_at = math.inf  # monotonic time before which the run cannot end
         self.submitted = 0  # operations this run put in the heap: the first ones are scouts
+        self.newest = 0.0  # wall-clock submit time of the newest operation polled (for the ETA)
 
     def schedule(self, op: Running, wait: float) -> None:
         due = anyio.current_time() + wait
@@ -63,10 +64,18 @@ class Poller:
     def _horizon(self) -> float:
         return max(0.0, self.horizon_at - anyio.current_time())
 
+    def eta(self) -> float:
+        """Seconds until the operations being polled are expected to be done: the horizon once
+        anything is learned, else the prior latency less the age of the newest operation."""
+        if self.horizon_at < math.inf:
+            return self._horizon()
+        return max(0.0, self.policy.first - (time.time() - self.newest))
+
     def submitted_now(self, op: Running) -> None:
         """A new operation: schedule its first poll."""
         op.scout, op.fresh = self.policy.scout(self.submitted), True
         self.submitted += 1
+        self.newest = max(self.newest, op.submitted_at)
         wait = self.policy.first_wait(slack=self.sch.slack(), horizon=self._horizon(),
                                       elapsed=self._elapsed(), scout=op.scout)  # fmt: skip
         self.schedule(op, wait)
@@ -78,6 +87,7 @@ class Poller:
             now = time.time()
             for op in page:
                 self.schedule(op, max(0.0, self.policy.first - (now - op.submitted_at)))
+                self.newest = max(self.newest, op.submitted_at)
             after = (page[-1].submitted_at, page[-1].attempt.rowid)
             while len(self.heap) > 50_000:  # noqa: ASYNC110 - a bound, not a handoff
                 await anyio.sleep(0.5)

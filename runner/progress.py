@@ -6,7 +6,8 @@ hands snapshots to a callback (none by default); the CLI draws them with rich on
 prints a plain line every ``interval`` seconds elsewhere.
 
 The ETA is the quota's bound, not a guess from the recent rate: the submit pacer's horizon for
-the jobs not yet submitted, plus the completion latency the poller has learned. While the API
+the jobs not yet submitted, plus the completion latency the poller has learned; once everything
+is submitted, the poller's horizon (when the last operations are expected back). While the API
 is unreachable the ETA means nothing, and the line says so instead: "API unreachable since
 03:12 (HTTP 503), next try in 40 s".
 """
@@ -87,12 +88,15 @@ async def snapshot(sch: Scheduler, base: dict[str, int], prices: dict[str, float
     done = base["done"] + sch.stats.finished - sch.stats.failed
     total = sum(base.values())
     pending = max(0, total - done - failed - base["cancelled"] - running)
-    latency = sch.policy.first if (pending or running) else 0.0
+    if pending:  # the submit quota's bound for what is left, plus a latency
+        eta = sch.submit_pacer.horizon(pending) + sch.policy.first
+    else:  # counting down to when the last operations are expected back
+        eta = sch.poller.eta() if running else 0.0
     s = sch.s
     return Snapshot(
         done, failed, running, pending, (sch.stats.submitted - submits) / span,
         (sch.stats.polls - polls) / span, s.submit_rps, s.poll_rps, tokens,
-        await reports.cost(db, prices), sch.submit_pacer.horizon(pending) + latency,
+        await reports.cost(db, prices), eta,
         sch.outages(), sch.writer.trouble,
     )  # fmt: skip
 

@@ -21,7 +21,8 @@ import pytest
 
 import runner
 from runner.credentials import Credentials
-from tests.conftest import Emu, batch_for, read_out
+from runner.polling import PollPolicy
+from tests.conftest import Emu, batch_for, fast_settings, read_out
 from tests.killloop import db_states
 from tests.procs import ROOT, child_env, emulator_process, emulator_stats
 
@@ -249,3 +250,17 @@ def test_bad_input_leaves_a_users_empty_database_file_as_it_was(tmp_path: Path) 
     with pytest.raises(runner.InputError):
         runner.run([{"id": "x", "prompt": ""}], db=mine, emulator=True)
     assert mine.exists() and mine.read_bytes() == b""
+
+
+async def test_the_eta_counts_down_while_the_last_operations_run(make_emulator: Any, tmp_path: Path) -> None:
+    # with nothing left to submit the ETA was the learned latency, the same on every line
+    e = await make_emulator(latency=(1.5, 1.5))
+    snapshots: list[Any] = []
+    settings = fast_settings(policy=PollPolicy(prior=3.0, min_wait=0.01))
+    async with batch_for(e, tmp_path, settings=settings, progress=snapshots.append,
+                         progress_interval=0.2) as batch:  # fmt: skip
+        await batch.add(["a", "b", "c"])
+        assert (await batch.run()).exit_code == 0
+    tail = [s.eta for s in snapshots if s.pending == 0 and s.running > 0]
+    assert len(tail) >= 3, tail
+    assert tail[-1] < tail[0] - 0.5, tail  # it counts down
