@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from runner.settings import Outage
 
 
+RATE_SPAN = 1.0  # seconds a rate is measured over, at least
+
+
 def duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rest = divmod(seconds, 3600)
@@ -79,10 +82,17 @@ async def snapshot(sch: Scheduler, base: dict[str, int], prices: dict[str, float
     db = sch.queue.db
     tokens = int(await db.value("SELECT total_tokens FROM totals") or 0)
     now = time.monotonic()
-    started = now - (anyio.current_time() - sch.t0)  # rates over the run until a first mark
-    then, submits, polls = getattr(sch, "_progress_mark", (started, 0, 0))
-    span = max(1e-6, now - then)
-    sch._progress_mark = (now, sch.stats.submitted, sch.stats.polls)  # type: ignore[attr-defined]
+    marks: list[tuple[float, int, int]] = getattr(sch, "_progress_marks", None) or [
+        (now - (anyio.current_time() - sch.t0), 0, 0)  # rates over the run until a mark
+    ]
+    # rates since the newest mark at least a second old: a snapshot just after another (the
+    # last one of a run) would divide a few requests by a few milliseconds
+    while len(marks) > 1 and now - marks[1][0] >= RATE_SPAN:
+        marks.pop(0)
+    then, submits, polls = marks[0]
+    span = max(RATE_SPAN, now - then)  # a run's first second: what it sent, per second
+    marks.append((now, sch.stats.submitted, sch.stats.polls))
+    sch._progress_marks = marks  # type: ignore[attr-defined]
     running = sch.tracked
     failed = base["failed"] + sch.stats.failed
     done = base["done"] + sch.stats.finished - sch.stats.failed

@@ -264,3 +264,16 @@ async def test_the_eta_counts_down_while_the_last_operations_run(make_emulator: 
     tail = [s.eta for s in snapshots if s.pending == 0 and s.running > 0]
     assert len(tail) >= 3, tail
     assert tail[-1] < tail[0] - 0.5, tail  # it counts down
+
+
+async def test_progress_rates_stay_within_the_quota_they_are_paced_by(make_emulator: Any, tmp_path: Path) -> None:
+    # a snapshot taken 50 ms after another divided one submit by 50 ms: "20/10 per s"
+    e = await make_emulator(latency=(0.05, 0.1))
+    snapshots: list[Any] = []
+    async with batch_for(e, tmp_path, settings=fast_settings(submit_rps=10.0),
+                         progress=snapshots.append, progress_interval=0.05) as batch:  # fmt: skip
+        await batch.add([f"p{i}" for i in range(25)])
+        assert (await batch.run()).exit_code == 0
+    rates = [round(s.submit_rate, 1) for s in snapshots]
+    assert len(rates) > 20 and max(rates) > 5, rates  # it measured the pace
+    assert max(rates) <= 10 * 1.3, rates
