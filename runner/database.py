@@ -15,6 +15,7 @@ so the kernel releases it when a process dies and a killed run never blocks the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -49,6 +50,18 @@ def side_file(db_path: str, suffix: str) -> str:
     after the database file itself, not the name it was reached by: a database reached through
     a symlink has one lock, one rescue file and one emulator state, as SQLite's own -wal has."""
     return os.path.realpath(db_path) + suffix
+
+
+class FileGone(FileNotFoundError):
+    """The database's path no longer leads to the file runner opened."""
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def must_exist(path: str) -> None:
@@ -119,10 +132,16 @@ def storage_guard(path: str) -> Iterator[None]:
         if not storage_error(e):
             raise
         what = getattr(e, "strerror", None) or str(e)
-        raise StorageError(
-            f"cannot write {path}: {what}. Every committed state is intact: free space (or fix "
-            "what blocks the file) and rerun the same command to resume"
-        ) from e
+        raise StorageError(f"cannot write {path}: {what}. {advice(e)}") from e
+
+
+def advice(e: BaseException | None) -> str:
+    """What to do after storage error ``e``."""
+    if isinstance(e, FileGone):
+        return ("Nothing more was sent: put the database back and rerun the same command (a new "
+                "database would send every job again)")  # fmt: skip
+    return ("Every committed state is intact: free space (or fix what blocks the file) and rerun "
+            "the same command to resume")  # fmt: skip
 
 
 class Database:
@@ -130,6 +149,16 @@ class Database:
         self.con = con
         self.path = path
         self._lock = anyio.Lock()
+        self._file = _identity(path)
+
+    def check_file(self) -> None:
+        """The path must still lead to the file that was opened: a database deleted (or its
+        directory) or replaced mid-run would take every later commit to a file no one will read,
+        and the next run would start afresh and pay for every job again. It is a storage
+        failure: the writer holds its outcomes and retries, nothing more is sent, and the run
+        stops (exit 5) unless the file comes back."""
+        if _identity(self.path) != self._file:
+            raise FileGone(errno.ENOENT, f"{self.path} was deleted or replaced while runner was using it")
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -160,6 +189,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
+            self.check_file()
             # shielded: cancelled while it waits in aiosqlite's thread, the BEGIN still happens
             # there, and a transaction nothing rolls back fails every later one ("cannot start
             # a transaction within a transaction"); a cancellation now lands inside, and rolls

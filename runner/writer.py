@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from runner.database import side_file, storage_error
+from runner.database import advice, side_file, storage_error
 from runner.errors import StorageError
 from runner.jobs import Answered, ApiFailure, Attempt, Completion, Failed, Outcome, Submitted
 from runner.output import OutputFile, pwrite_all
@@ -75,6 +75,7 @@ class Writer:
         self.failed: StorageError | None = None
         self._db_failed = False
         self._kept = 0
+        self._cause: BaseException | None = None  # of a database that could not be written
         send, self._receive = anyio.create_memory_object_stream[Outcome](math.inf)
         self._send: MemoryObjectSendStream[Outcome] = send
 
@@ -146,7 +147,7 @@ class Writer:
                 try:
                     applied = await self._commit(batch)
                 except _GaveUp as e:
-                    self._db_failed = True
+                    self._db_failed, self._cause = True, e.error
                     self._rescue(batch)
                     self._fail(f"cannot write {self.queue.db.path}: {e.error}")
                     return
@@ -244,8 +245,7 @@ class Writer:
         kept = (f"; {self._kept} operation ids and answers that could not be committed were "
                 f"saved to {rescue_path(self.queue.db.path)}, applied on the next start"
                 if self._kept else "")  # fmt: skip
-        return (f"{self.failed}{kept}. Every committed state is intact: free space (or fix what "
-                "blocks the file) and rerun the same command to resume")  # fmt: skip
+        return f"{self.failed}{kept}. {advice(self._cause)}"
 
 
 class _GaveUp(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 from runner.cli import cli
 from tests.conftest import SENTINEL_KEY, read_out, write_jobs
 from tests.killloop import db_states, kill_loop
-from tests.procs import child_env, emulator_process, make_jobs, runner_cmd
+from tests.procs import child_env, emulator_process, emulator_stats, make_jobs, runner_cmd
 
 
 def test_kill_9_loop_loses_nothing_and_duplicates_only_ambiguous_submits(tmp_path: Path) -> None:
@@ -100,6 +101,30 @@ BAD_FILES: list[tuple[str, bytes, str]] = [
     ("temperature", b'{"prompt": "x", "completionOptions": {"temperature": 2}}\n', "[completionOptions.temperature]"),
     ("unknown field", b'{"prompt": "x", "temprature": 0.5}\n', "[temprature]"),
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_database_deleted_or_replaced_mid_run_stops_the_run(tmp_path: Path, how: str) -> None:
+    # rm -rf of the database's directory mid-run: the run went on writing to the unlinked
+    # file, sent all 200 and exited 0; the same command then started a new database and paid
+    # for all 200 again
+    make_jobs(tmp_path / "jobs.jsonl", 200)
+    (tmp_path / "state").mkdir()
+    with emulator_process("--latency", "0.5:1") as url:
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--db", "state/r.db", "-o", "out.jsonl",
+                                           "--submit-rps", "20", "--storage-patience", "1"),
+                                cwd=tmp_path, env=child_env(url), stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(3)  # ~60 submitted of 200
+        if how == "deleted":
+            shutil.rmtree(tmp_path / "state")
+        else:
+            (tmp_path / "state" / "r.db").rename(tmp_path / "state" / "old.db")
+            (tmp_path / "state" / "r.db").write_bytes((tmp_path / "state" / "old.db").read_bytes())
+        _, err = proc.communicate(timeout=60)
+        submits = emulator_stats(url)["submits"]
+    assert proc.returncode == 5, err
+    assert "deleted or replaced" in err and "put the database back" in err, err
+    assert submits < 150, (submits, err)  # it stopped sending
 
 
 @pytest.fixture
