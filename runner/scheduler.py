@@ -396,10 +396,12 @@ class Scheduler:
                       ambiguous=e.maybe_created, max_faults=self.s.max_faults))  # fmt: skip
 
     async def _service_up(self) -> bool:
-        """Is the LLM host answering? Asked with the tokenizer, which is free."""
+        """Is the LLM host answering? Asked with the tokenizer, which is free. A 429 is no
+        answer: an overloaded service throttles the tokenizer too, and taking it for "up"
+        charged every job its faults through an overload."""
         probe = '{"modelUri":"gpt://%s/yandexgpt-lite/latest","messages":[{"role":"user","text":"ping"}]}'
         try:
             await self.client.tokenize_completion(probe % self.folder_id)
         except ApiError as e:
-            return e.kind not in ("transient",)
+            return e.kind not in ("transient", "rate")
         return True

@@ -125,6 +125,21 @@ def test_a_lone_poisonous_prompt_is_told_from_an_outage_by_a_free_request(tmp_pa
     assert stats["tokenize"] >= 1  # the tokenizer answered: the service is up, the job is bad
 
 
+def test_an_overload_the_tokenizer_answers_429_is_an_outage_not_the_jobs_fault(tmp_path: Path) -> None:
+    # review F: submits answered 503 while the free tokenizer answered 429 ("too many
+    # requests"): a 429 was taken for "the service is up", every job was charged its faults
+    # and all 20 failed
+    make_jobs(tmp_path / "jobs.jsonl", 20)
+    with emulator_process("--fault", "submit:503=1", "--fault", "tokenize:429=1") as url:
+        proc = start(tmp_path, url, "--max-faults", "3", "--max-outage", "4s")
+        _, err = proc.communicate(timeout=60)
+        stats = emulator_stats(url)
+    assert proc.returncode == 4, err
+    assert stats["fault_tokenize_429"] >= 1  # it asked the tokenizer, which said 429
+    no_job_charged(tmp_path)
+    assert db_states(tmp_path / "runner.db") == {"pending": 20}
+
+
 def test_max_outage_stops_the_run_with_its_exit_code_and_state_intact(tmp_path: Path) -> None:
     make_jobs(tmp_path / "jobs.jsonl", 60)
     with emulator_process("--latency", "1:2") as url:

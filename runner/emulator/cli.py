@@ -85,7 +85,7 @@ def _parsed(parse: Callable[[str], T]) -> Callable[[click.Context, click.Paramet
     "faults",
     multiple=True,
     callback=_parsed(parse_fault),
-    help="ENDPOINT:FAULT=RATE, e.g. submit:503=0.1 or poll:shape=0.1 (repeatable).",
+    help="ENDPOINT:FAULT=RATE, ENDPOINT one of submit, poll, complete, tokenize; e.g. submit:503=0.1 or poll:shape=0.1 (repeatable).",
 )
 @click.option(
     "--op-error-rate",

@@ -19,7 +19,7 @@ FAULTS = (
     "500", "503", "504", "429", "400", "401", "403",
     "reset", "hang", "garbage", "truncated", "shape",
 )  # fmt: skip
-ENDPOINTS = ("submit", "poll", "complete")
+ENDPOINTS = ("submit", "poll", "complete", "tokenize")
 OUTAGE_KINDS = ("503", "reset", "refuse")
 HOUR_SHAPES = ("rolling", "bucket", "fixed")
 CANCEL_MODES = ("allow", "refuse", "ignore")

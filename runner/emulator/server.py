@@ -305,6 +305,9 @@ class Emulator:
         denied = self.gate.auth(request) or self.gate.quota("tokenize")
         if denied:
             return denied
+        fault = await self.gate.fault("tokenize", request)
+        if fault:
+            return fault
         body, bad = await self.gate.json(request)
         if bad:
             return bad
@@ -327,6 +330,9 @@ class Emulator:
         denied = self.gate.auth(request) or self.gate.quota("tokenize")
         if denied:
             return denied
+        fault = await self.gate.fault("tokenize", request)
+        if fault:
+            return fault
         body, bad = await self.gate.completion_body(request)
         if bad or body is None:
             return bad or self.gate.error(400, 3, "bad request")
