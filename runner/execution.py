@@ -180,9 +180,9 @@ class Run:
             self.batch._tg.start_soon(self._main)
 
     async def _main(self) -> None:
-        db = await self.batch._open()
-        self._seq = int(await db.value(TOP_SEQ) or 0)
-        try:
+        try:  # every error, the refusal to open included, is raised where the run is awaited
+            db = await self.batch._open()
+            self._seq = int(await db.value(TOP_SEQ) or 0)
             # looked up at each call: the iterator replaces the event after every wake-up
             self.report = await self.batch._execute(self.out, lambda: self._changed.set())
         except Exception as e:

@@ -277,3 +277,24 @@ async def test_progress_rates_stay_within_the_quota_they_are_paced_by(make_emula
     rates = [round(s.submit_rate, 1) for s in snapshots]
     assert len(rates) > 20 and max(rates) > 5, rates  # it measured the pace
     assert max(rates) <= 10 * 1.3, rates
+
+
+@pytest.mark.parametrize("form", ["await", "async for"])
+async def test_a_refused_run_raises_where_it_is_awaited(make_emulator: Any, tmp_path: Path, form: str) -> None:
+    # review F: the refusal (another Batch holds the database) cancelled the whole `async with`
+    # body and came out of __aexit__: the caller's `except` never ran, nor the code after it
+    e = await make_emulator()
+    reached: list[str] = []
+    async with batch_for(e, tmp_path) as holder:
+        await holder.add(["x"])  # holds the run lock until it exits
+        async with batch_for(e, tmp_path) as other:
+            try:
+                if form == "await":
+                    await other.run()
+                else:
+                    async for _ in other.run():
+                        pass
+            except runner.RunnerError as error:
+                reached.append(str(error))
+            reached.append("after")
+    assert len(reached) == 2 and "another runner" in reached[0], reached
