@@ -156,16 +156,15 @@ class Poller:
         op.polls += 1
         self.sch.stats.polls += 1
         sent, breaker = anyio.current_time(), self.sch.breakers["poll"]
-        was_open = breaker.is_open
         try:
             state = await self.sch.client.poll(op.operation_id)
         except ApiError as e:
             self._failed(op, sent, e)
-            self.sch.noted("poll", was_open)
+            self.sch.noted("poll")
             return
         breaker.success(sent, op.attempt.rowid)
         self.sch.poll_pacer.answered()
-        self.sch.noted("poll", was_open)
+        self.sch.noted("poll")
         op.errors = op.faults = 0  # a budget for answers malformed in a row, not over a life
         now = time.time()
         age = now - op.submitted_at

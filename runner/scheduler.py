@@ -144,15 +144,17 @@ class Scheduler:
     def work_changed(self) -> None:
         self._work_changed.set()
 
-    def noted(self, family: str, was_open: bool) -> None:
-        """Log once when a breaker opens and once when it closes."""
-        b = self.breakers[family]
-        if b.is_open and not was_open:
+    def noted(self, family: str) -> None:
+        """Log once when a breaker opens and once when it closes. The outage's own record says
+        which: a request sent before it opened that fails after must not open it again (every
+        request on the wire when it tripped did, each restarting its clock)."""
+        b, since = self.breakers[family], self._outage_since.get(family)
+        if b.is_open and since is None:
             self._outage_since[family] = time.time()
             log.warning("API unreachable (%s requests: %s); pausing them and probing", family, b.error)
-        elif was_open and not b.is_open:
-            down = time.time() - self._outage_since.pop(family, time.time())
-            log.warning("API reachable again (%s requests) after %.0f s", family, down)
+        elif since is not None and not b.is_open:
+            del self._outage_since[family]
+            log.warning("API reachable again (%s requests) after %.0f s", family, time.time() - since)
 
     async def _watchdog(self) -> None:
         """Once a second: end the run past --max-outage, and publish the outage for `status`."""
@@ -298,7 +300,6 @@ class Scheduler:
     async def _submit(self, claim: Claim, stamp: float) -> None:
         a, sent = claim.attempt, anyio.current_time()
         breaker = self.breakers["submit"]
-        was_open = breaker.is_open
         body = expand(claim.body, self.folder_id)
         try:
             if self.s.mode == "sync":
@@ -307,7 +308,7 @@ class Scheduler:
                 op_id = await self.client.submit(body, claim.idem_key)
         except ApiError as e:
             await self._submit_failed(claim, stamp, sent, e)
-            self.noted("submit", was_open)
+            self.noted("submit")
             return
         except CredentialsError:
             self.submit_pacer.refund(stamp)
@@ -316,7 +317,7 @@ class Scheduler:
         _, proven = breaker.success(sent, a.rowid)
         self._lost = self._gated = 0
         self.submit_pacer.accepted(stamp)
-        self.noted("submit", was_open)
+        self.noted("submit")
         for s in proven:
             self.writer.emit(Charged(s.payload[0], time.time(), s.payload[1], self.s.max_faults))
         self.stats.submitted += 1

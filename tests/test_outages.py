@@ -9,6 +9,8 @@ them (``--probe-max``); the benchmark (``bench/outage.py``) runs them at real le
 from __future__ import annotations
 
 import json
+import re
+import signal
 import sqlite3
 import subprocess
 import time
@@ -27,6 +29,7 @@ from tests.procs import (
     make_jobs,
     run,
     runner_cmd,
+    stoppable_emulator,
 )  # fmt: skip
 
 PROBE = ["--probe-max", "2"]
@@ -123,6 +126,25 @@ def test_a_lone_poisonous_prompt_is_told_from_an_outage_by_a_free_request(tmp_pa
     [line] = read_out(tmp_path / "out.jsonl")
     assert line["status"] == "failed" and line["attempts"] == 2
     assert stats["tokenize"] >= 1  # the tokenizer answered: the service is up, the job is bad
+
+
+def test_an_outage_is_logged_once_when_it_opens_and_once_when_it_closes(tmp_path: Path) -> None:
+    # review F: every request in flight when the breaker opened logged the opening again (28
+    # lines for one 30 s outage) and restarted its clock: "reachable again after 15 s"
+    make_jobs(tmp_path / "jobs.jsonl", 200)
+    with stoppable_emulator("--latency", "0.5:1.5") as (url, emulator):
+        proc = start(tmp_path, url, "--submit-rps", "40", "--request-timeout", "1")
+        wait_for(tmp_path, "running", 40)
+        emulator.send_signal(signal.SIGSTOP)  # every request in flight hangs, then times out
+        time.sleep(6)
+        emulator.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    opened = re.findall(r"API unreachable \((\w+) requests", err)
+    closed = re.findall(r"API reachable again \((\w+) requests\) after (\d+) s", err)
+    assert opened and len(opened) == len(set(opened)), opened  # once per family
+    assert sorted(opened) == sorted(family for family, _ in closed), (opened, closed)
+    assert all(int(after) >= 3 for _, after in closed), closed  # the outage's length, near enough
 
 
 def test_an_overload_the_tokenizer_answers_429_is_an_outage_not_the_jobs_fault(tmp_path: Path) -> None:
