@@ -149,7 +149,8 @@ class Database:
         self.con = con
         self.path = path
         self._lock = anyio.Lock()
-        self._file = _identity(path)
+        self._where = os.path.abspath(path)  # as opened: a later chdir must not move it
+        self._file = _identity(self._where)
 
     def check_file(self) -> None:
         """The path must still lead to the file that was opened: a database deleted (or its
@@ -157,7 +158,7 @@ class Database:
         and the next run would start afresh and pay for every job again. It is a storage
         failure: the writer holds its outcomes and retries, nothing more is sent, and the run
         stops (exit 5) unless the file comes back."""
-        if _identity(self.path) != self._file:
+        if _identity(self._where) != self._file:
             raise FileGone(errno.ENOENT, f"{self.path} was deleted or replaced while runner was using it")
 
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -298,3 +299,22 @@ async def test_a_refused_run_raises_where_it_is_awaited(make_emulator: Any, tmp_
                 reached.append(str(error))
             reached.append("after")
     assert len(reached) == 2 and "another runner" in reached[0], reached
+
+
+async def test_a_chdir_during_a_run_does_not_pass_for_a_deleted_database(
+    make_emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the check that the database is still there must look where it was opened
+    e = await make_emulator(latency=(0.2, 1.5), seed=1)  # results spread over a second
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    async with runner.Batch("rel.db", llm_url=e.url, operation_url=e.url,
+                            credentials=Credentials("f", api_key="k"), settings=fast_settings()) as batch:  # fmt: skip
+        await batch.add([f"p{i}" for i in range(8)])
+        run = batch.run()
+        seen = 0
+        async for _ in run:
+            seen += 1
+            os.chdir(tmp_path / "elsewhere")  # a notebook changing directory mid-run
+        assert (await run).exit_code == 0 and seen == 8
+    assert not (tmp_path / "elsewhere" / "rel.db").exists()
