@@ -378,7 +378,7 @@ class Scheduler:
                     verdict = "outage"
             elif verdict == "repeat":
                 earlier = breaker.suspects.pop(a.rowid)
-                if await self._service_up():
+                if await self._service_up(throttled=True):
                     emit(Charged(earlier.payload[0], now, earlier.payload[1], self.s.max_faults))
                     faults += 1
                     verdict = "job"
@@ -396,13 +396,16 @@ class Scheduler:
         emit(Requeued(a, now + delay(faults, retry_after=e.retry_after), fault=e.failure(),
                       ambiguous=e.maybe_created, max_faults=self.s.max_faults))  # fmt: skip
 
-    async def _service_up(self) -> bool:
-        """Is the LLM host answering? Asked with the tokenizer, which is free. A 429 is no
-        answer: an overloaded service throttles the tokenizer too, and taking it for "up"
-        charged every job its faults through an overload."""
+    async def _service_up(self, throttled: bool = False) -> bool:
+        """Is the LLM host answering? Asked with the tokenizer, which is free. What its 429
+        means is ``throttled``: when requests of several jobs failed (the breaker tripped, or
+        its probe failed), it is no answer, since an overloaded service throttles the tokenizer
+        too, and taking it for "up" charged every job its faults through an overload; when one
+        job failed again and again with nothing else sent, the host is reachable and the job
+        is charged, or a lone poisonous prompt would hold the run in an outage for good."""
         probe = '{"modelUri":"gpt://%s/yandexgpt-lite/latest","messages":[{"role":"user","text":"ping"}]}'
         try:
             await self.client.tokenize_completion(probe % self.folder_id)
         except ApiError as e:
-            return e.kind not in ("transient", "rate")
+            return e.kind != "transient" and (throttled or e.kind != "rate")
         return True

@@ -162,6 +162,19 @@ def test_an_overload_the_tokenizer_answers_429_is_an_outage_not_the_jobs_fault(t
     assert db_states(tmp_path / "runner.db") == {"pending": 20}
 
 
+def test_a_poisonous_prompt_fails_after_its_budget_when_the_tokenizer_answers_429(tmp_path: Path) -> None:
+    # review H, of 0773456: with the tokenizer's 429 taken as "down", a lone poisonous prompt
+    # held the run in an outage for good once the other jobs were done (0 faults, pending)
+    rows = [{"id": f"j{i}", "prompt": f"fine {i}"} for i in range(5)] + [{"id": "bad", "prompt": "POISON"}]
+    write_jobs(tmp_path / "jobs.jsonl", rows)
+    with emulator_process("--poison", "POISON", "--fault", "tokenize:429=1") as url:
+        proc = start(tmp_path, url, "--max-faults", "3", "--max-outage", "20s")
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    lines = {x["id"]: x["status"] for x in read_out(tmp_path / "out.jsonl")}
+    assert lines == {**{f"j{i}": "done" for i in range(5)}, "bad": "failed"}, lines
+
+
 def test_max_outage_stops_the_run_with_its_exit_code_and_state_intact(tmp_path: Path) -> None:
     make_jobs(tmp_path / "jobs.jsonl", 60)
     with emulator_process("--latency", "1:2") as url:
