@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ import anyio
 from runner import connect, exports, ingest, output, pricing, reports
 from runner.credentials import Credentials
 from runner.database import Database, RunLock, must_exist, side_file, storage_guard
-from runner.errors import UsageError
+from runner.errors import StorageError, UsageError
 from runner.execution import Run, RunReport, execute, first_error
 from runner.inputs import DEFAULT_MODEL, Spec, model_ref, read_jobs, spec_of
 from runner.jobs import Result
@@ -290,9 +291,26 @@ class Batch:
         self._running = True
         try:
             with storage_guard(self.path):
-                return await execute(self, out_path, notify)
+                report = await execute(self, out_path, notify)
         finally:
             self._running = False
+            if self._db is not None and self._db.gone:  # whatever else ended the run
+                with anyio.CancelScope(shield=True):
+                    raise await self._lost(self._db)  # this error is the news
+        return report
+
+    @staticmethod
+    async def _lost(db: Database) -> StorageError:
+        """The database was deleted or replaced mid-run: what the open file holds (every
+        operation id sent) is copied out, so the operations still running can be collected."""
+        try:
+            copy = await db.save_copy()
+        except (OSError, sqlite3.Error) as e:
+            saved = f"its state could not be copied out ({e}): the operations still running are lost"
+        else:
+            saved = (f"its state, every operation id sent included, was saved to {copy}: run again "
+                     f"with --db {copy} (and the same -o) to collect what is still running")  # fmt: skip
+        return StorageError(f"{db.gone}; the run stopped and sent nothing more; {saved}")
 
     # -- reading ----------------------------------------------------------------------------
 

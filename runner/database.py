@@ -138,8 +138,7 @@ def storage_guard(path: str) -> Iterator[None]:
 def advice(e: BaseException | None) -> str:
     """What to do after storage error ``e``."""
     if isinstance(e, FileGone):
-        return ("Nothing more was sent: put the database back and rerun the same command (a new "
-                "database would send every job again)")  # fmt: skip
+        return "Nothing more was sent or changed"
     return ("Every committed state is intact: free space (or fix what blocks the file) and rerun "
             "the same command to resume")  # fmt: skip
 
@@ -149,17 +148,38 @@ class Database:
         self.con = con
         self.path = path
         self._lock = anyio.Lock()
-        self._where = os.path.abspath(path)  # as opened: a later chdir must not move it
+        self._where = os.path.realpath(path)  # the file itself, whatever cwd or links do later
         self._file = _identity(self._where)
+        self.gone: str | None = None  # why the path no longer leads to the file opened
 
     def check_file(self) -> None:
         """The path must still lead to the file that was opened: a database deleted (or its
-        directory) or replaced mid-run would take every later commit to a file no one will read,
-        and the next run would start afresh and pay for every job again. It is a storage
-        failure: the writer holds its outcomes and retries, nothing more is sent, and the run
-        stops (exit 5) unless the file comes back."""
-        if _identity(self._where) != self._file:
-            raise FileGone(errno.ENOENT, f"{self.path} was deleted or replaced while runner was using it")
+        directory) or replaced mid-run would take every later commit to a file no one will
+        read, and the next run would start afresh and pay for every job again. Raised once:
+        whoever meets it stops the run, and the commits that follow (the outcomes of requests
+        already sent) still reach the open file, which the run then copies out
+        (``save_copy``) before it closes it."""
+        if self.gone is None and self._file is not None and _identity(self._where) != self._file:
+            self.gone = f"{self.path} was deleted or replaced while runner was using it"
+            raise FileGone(errno.ENOENT, self.gone)
+
+    async def save_copy(self) -> str:
+        """Copy the database as this connection sees it to a new file beside where it was (or
+        in the working directory if that folder is gone too); the copy's path."""
+        folder = os.path.dirname(self._where)
+        if not os.path.isdir(folder):
+            folder = os.getcwd()
+        stem = os.path.join(folder, os.path.basename(self._where) + ".recovered")
+        target = next(p for p in (stem, *(f"{stem}{n}" for n in range(2, 1000))) if not os.path.exists(p))
+        tmp = f"{target}.{os.getpid()}.tmp"
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        dst = sqlite3.connect(tmp, check_same_thread=False)  # used from aiosqlite's thread
+        try:
+            await self.con.backup(dst)
+        finally:
+            dst.close()
+        os.replace(tmp, target)
+        return target
 
     @classmethod
     @contextlib.asynccontextmanager

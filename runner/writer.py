@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from runner.database import advice, side_file, storage_error
+from runner.database import FileGone, advice, side_file, storage_error
 from runner.errors import StorageError
 from runner.jobs import Answered, ApiFailure, Attempt, Completion, Failed, Outcome, Submitted
 from runner.output import OutputFile, pwrite_all
@@ -184,6 +184,9 @@ class Writer:
         while True:
             try:
                 applied = await self.queue.apply(batch, self.budget)
+            except FileGone as e:  # raised once: the file is still open, and what was sent is
+                self._fail(f"cannot write {self.queue.db.path}: {e.strerror}")  # committed there
+                continue
             except Exception as e:
                 if not storage_error(e):
                     return await self._one_by_one(batch, e)

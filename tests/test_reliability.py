@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import cli
-from tests.conftest import SENTINEL_KEY, read_out, write_jobs
+from tests.conftest import SENTINEL_KEY, db_rows, read_out, write_jobs
 from tests.killloop import db_states, kill_loop
 from tests.procs import child_env, emulator_process, emulator_stats, make_jobs, runner_cmd
 
@@ -103,28 +103,44 @@ BAD_FILES: list[tuple[str, bytes, str]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("how", ["deleted", "replaced"])
-def test_a_database_deleted_or_replaced_mid_run_stops_the_run(tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize("how", ["deleted", "replaced", "removed, named through a link and .."])
+def test_a_database_deleted_or_replaced_mid_run_stops_the_run_and_is_copied_out(tmp_path: Path, how: str) -> None:
     # rm -rf of the database's directory mid-run: the run went on writing to the unlinked
     # file, sent all 200 and exited 0; the same command then started a new database and paid
-    # for all 200 again
+    # for all 200 again (review F). Stopping alone lost the operations still running, whose
+    # ids were only in the unlinked file (review H): the run copies it out
     make_jobs(tmp_path / "jobs.jsonl", 200)
-    (tmp_path / "state").mkdir()
-    with emulator_process("--latency", "0.5:1") as url:
-        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--db", "state/r.db", "-o", "out.jsonl",
-                                           "--submit-rps", "20", "--storage-patience", "1"),
+    (tmp_path / "state" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "state" / "sub")
+    db = "link/../r.db" if how.startswith("removed") else "state/r.db"  # both state/r.db
+    with emulator_process("--latency", "2:3") as url:
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--db", db, "-o", "out.jsonl",
+                                           "--submit-rps", "20"),
                                 cwd=tmp_path, env=child_env(url), stderr=subprocess.PIPE, text=True)  # fmt: skip
-        time.sleep(3)  # ~60 submitted of 200
+        time.sleep(3)  # ~60 submitted of 200, most of them running
         if how == "deleted":
             shutil.rmtree(tmp_path / "state")
+        elif how.startswith("removed"):  # review H: "link/../r.db" was checked as ./r.db
+            (tmp_path / "state" / "r.db").unlink()
         else:
             (tmp_path / "state" / "r.db").rename(tmp_path / "state" / "old.db")
             (tmp_path / "state" / "r.db").write_bytes((tmp_path / "state" / "old.db").read_bytes())
         _, err = proc.communicate(timeout=60)
-        submits = emulator_stats(url)["submits"]
-    assert proc.returncode == 5, err
-    assert "deleted or replaced" in err and "put the database back" in err, err
-    assert submits < 150, (submits, err)  # it stopped sending
+        sent = emulator_stats(url)["submits"]
+        assert proc.returncode == 5, err
+        assert "deleted or replaced" in err and "sent nothing more" in err, err
+        assert sent < 150, (sent, err)  # it stopped sending
+        copy = "r.db.recovered" if how == "deleted" else "state/r.db.recovered"  # folder gone: cwd
+        assert f"saved to {tmp_path / copy}" in err, err
+        r = subprocess.run(runner_cmd("run", "--db", copy, "-o", "out.jsonl"), cwd=tmp_path,
+                           env=child_env(url), capture_output=True, text=True, timeout=90)  # fmt: skip
+        total = emulator_stats(url)["submits"]
+    assert r.returncode == 0, r.stderr
+    lines = read_out(tmp_path / "out.jsonl")
+    assert sorted(x["id"] for x in lines) == sorted(f"j{i}" for i in range(200))
+    assert os.stat(tmp_path / copy).st_mode & 0o077 == 0
+    ambiguous = db_rows(tmp_path / copy, "SELECT SUM(ambiguous) FROM jobs")[0][0]
+    assert total - 200 <= ambiguous, (total, ambiguous)  # nothing paid twice that was not reported
 
 
 @pytest.fixture
