@@ -64,12 +64,14 @@ class Poller:
     def _horizon(self) -> float:
         return max(0.0, self.horizon_at - anyio.current_time())
 
-    def eta(self) -> float:
-        """Seconds until the operations being polled are expected to be done: the horizon once
-        anything is learned, else the prior latency less the age of the newest operation."""
+    def eta(self) -> float | None:
+        """Seconds until the operations being polled are expected back: the horizon once
+        anything is learned, else the prior latency less the newest operation's age, and
+        None (unknown) once they have outlived the prior with nothing learned."""
         if self.horizon_at < math.inf:
             return self._horizon()
-        return max(0.0, self.policy.first - (time.time() - self.newest))
+        left = self.policy.first - (time.time() - self.newest)
+        return left if left > 0 else None
 
     def submitted_now(self, op: Running) -> None:
         """A new operation: schedule its first poll."""

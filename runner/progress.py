@@ -55,7 +55,7 @@ class Snapshot:
     poll_limit: float
     tokens: int
     cost: dict[str, Any]
-    eta: float
+    eta: float | None  # seconds; None: unknown (running past the prior, nothing learned)
     outages: list[Outage] = field(default_factory=list)
     storage: str | None = None  # the database cannot be written just now
 
@@ -66,7 +66,7 @@ class Snapshot:
         if self.outages:
             o = self.outages[0]
             return outage_text(o.family, o.since, o.error, o.next_try_in)
-        return f"ETA {duration(self.eta)}"
+        return "ETA unknown (no answer yet)" if self.eta is None else f"ETA {duration(self.eta)}"
 
     def line(self) -> str:
         cost = f"~{self.cost['total']:.2f} {self.cost['currency']} (estimate)"
@@ -99,7 +99,7 @@ async def snapshot(sch: Scheduler, base: dict[str, int], prices: dict[str, float
     total = sum(base.values())
     pending = max(0, total - done - failed - base["cancelled"] - running)
     if pending:  # the submit quota's bound for what is left, plus a latency
-        eta = sch.submit_pacer.horizon(pending) + sch.policy.first
+        eta: float | None = sch.submit_pacer.horizon(pending) + sch.policy.first
     else:  # counting down to when the last operations are expected back
         eta = sch.poller.eta() if running else 0.0
     s = sch.s

@@ -267,6 +267,20 @@ async def test_the_eta_counts_down_while_the_last_operations_run(make_emulator: 
     assert tail[-1] < tail[0] - 0.5, tail  # it counts down
 
 
+async def test_the_eta_is_unknown_not_zero_once_operations_outlive_the_prior(make_emulator: Any, tmp_path: Path) -> None:
+    # review H: operations running past the prior, nothing learned: "ETA 0s" on every line
+    e = await make_emulator(latency=(2.0, 2.0))
+    snapshots: list[Any] = []
+    settings = fast_settings(policy=PollPolicy(prior=0.5, min_wait=0.01))
+    async with batch_for(e, tmp_path, settings=settings, progress=snapshots.append,
+                         progress_interval=0.2) as batch:  # fmt: skip
+        await batch.add(["a", "b", "c"])
+        assert (await batch.run()).exit_code == 0
+    tail = [s for s in snapshots if s.pending == 0 and s.running > 0 and s.done == 0]
+    assert len(tail) >= 3 and all(s.eta is None or s.eta > 0 for s in tail), [s.eta for s in tail]
+    assert tail[-1].eta is None and "ETA unknown" in tail[-1].line(), tail[-1].line()
+
+
 async def test_progress_rates_stay_within_the_quota_they_are_paced_by(make_emulator: Any, tmp_path: Path) -> None:
     # a snapshot taken 50 ms after another divided one submit by 50 ms: "20/10 per s"
     e = await make_emulator(latency=(0.05, 0.1))
