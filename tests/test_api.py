@@ -253,30 +253,28 @@ def test_bad_input_leaves_a_users_empty_database_file_as_it_was(tmp_path: Path) 
     assert mine.exists() and mine.read_bytes() == b""
 
 
-async def test_the_eta_counts_down_while_the_last_operations_run(make_emulator: Any, tmp_path: Path) -> None:
-    # with nothing left to submit the ETA was the learned latency, the same on every line
-    e = await make_emulator(latency=(1.5, 1.5))
+async def tail_snapshots(e: Emu, tmp_path: Path, prior: float) -> list[Any]:
+    """Progress snapshots of three jobs while all are submitted and none is done."""
     snapshots: list[Any] = []
-    settings = fast_settings(policy=PollPolicy(prior=3.0, min_wait=0.01))
+    settings = fast_settings(policy=PollPolicy(prior=prior, min_wait=0.01))
     async with batch_for(e, tmp_path, settings=settings, progress=snapshots.append,
                          progress_interval=0.2) as batch:  # fmt: skip
         await batch.add(["a", "b", "c"])
         assert (await batch.run()).exit_code == 0
-    tail = [s.eta for s in snapshots if s.pending == 0 and s.running > 0]
+    return [s for s in snapshots if s.pending == 0 and s.running > 0 and s.done == 0]
+
+
+async def test_the_eta_counts_down_while_the_last_operations_run(make_emulator: Any, tmp_path: Path) -> None:
+    # with nothing left to submit the ETA was the learned latency, the same on every line
+    snaps = await tail_snapshots(await make_emulator(latency=(1.5, 1.5)), tmp_path, 3.0)
+    tail = [s.eta for s in snaps if s.eta is not None]  # None only at the prior's very end
     assert len(tail) >= 3, tail
     assert tail[-1] < tail[0] - 0.5, tail  # it counts down
 
 
 async def test_the_eta_is_unknown_not_zero_once_operations_outlive_the_prior(make_emulator: Any, tmp_path: Path) -> None:
     # review H: operations running past the prior, nothing learned: "ETA 0s" on every line
-    e = await make_emulator(latency=(2.0, 2.0))
-    snapshots: list[Any] = []
-    settings = fast_settings(policy=PollPolicy(prior=0.5, min_wait=0.01))
-    async with batch_for(e, tmp_path, settings=settings, progress=snapshots.append,
-                         progress_interval=0.2) as batch:  # fmt: skip
-        await batch.add(["a", "b", "c"])
-        assert (await batch.run()).exit_code == 0
-    tail = [s for s in snapshots if s.pending == 0 and s.running > 0 and s.done == 0]
+    tail = await tail_snapshots(await make_emulator(latency=(2.0, 2.0)), tmp_path, 0.5)
     assert len(tail) >= 3 and all(s.eta is None or s.eta > 0 for s in tail), [s.eta for s in tail]
     assert tail[-1].eta is None and "ETA unknown" in tail[-1].line(), tail[-1].line()
 
