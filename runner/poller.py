@@ -209,7 +209,9 @@ class Poller:
                 self.s.resubmit_stuck else f" (submitted {op.resubmits + 1} times, --max-resubmits "
                 f"{self.s.max_resubmits})")  # fmt: skip
         failure = ApiFailure(code, f"operation {op.operation_id} {why}{hint}")
-        self.sch.writer.emit(Failed(op.attempt, now, failure, op.polls))
+        # past its deadline it was never seen to end (it may yet answer, or a clock jumped):
+        # a retry polls it again rather than paying for it again
+        self.sch.writer.emit(Failed(op.attempt, now, failure, op.polls, unfinished=stuck))
 
     def _failed(self, op: Running, sent: float, e: ApiError) -> None:
         now, age = time.time(), time.time() - op.submitted_at

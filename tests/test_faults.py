@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from runner.errors import CredentialsError, OutageError
-from tests.conftest import db_rows, fast_settings, read_out, run_against, write_jobs
+from tests.conftest import batch_for, db_rows, fast_settings, read_out, run_against, write_jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -371,6 +371,21 @@ async def test_stuck_operation_fails_after_deadline(make_emulator: Any, tmp_path
     assert report.exit_code == 1
     for line in all_done(tmp_path, 2):
         assert line["error"]["code"] == 4 and "did not finish within" in line["error"]["message"]
+
+
+async def test_an_operation_failed_at_its_deadline_is_polled_again_on_retry_not_resubmitted(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    # review G: a clock stepped 25 h forward failed healthy operations at --op-deadline, and
+    # `retry` then paid for each again although its answer was stored on the server
+    e = await make_emulator(latency=(1.0, 1.0))
+    report = await run_against(e, tmp_path, jobs(tmp_path, 3), settings=fast_settings(op_deadline=0.3))
+    assert report.exit_code == 1 and e.stats["submits"] == 3
+    async with batch_for(e, tmp_path) as batch:
+        assert await batch.retry() == 3
+        assert (await batch.run()).exit_code == 0
+        assert [r.status for r in await batch.results()] == ["done"] * 3
+    assert e.stats["submits"] == 3  # the same three operations, polled again
 
 
 async def test_stuck_operation_resubmitted_with_flag(make_emulator: Any, tmp_path: Path) -> None:
