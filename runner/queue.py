@@ -149,6 +149,22 @@ class _Batch:
         return self.seq
 
 
+async def _clock_stepped_back(con: Any, now: float) -> None:
+    """Times stored ahead of the clock (it was stepped back since: NTP, a hardware clock kept in
+    local time, a restored VM) are taken as now: a running job's submit time orders the
+    operations a run loads (one ahead of the run's start was never loaded, and never polled),
+    and a pending job due further ahead than any back-off (an hour's Retry-After at most)
+    would wait out the step."""
+    await con.execute(
+        "UPDATE jobs SET submitted_at = MIN(submitted_at, ?), next_at = ? "
+        "WHERE state = 'running' AND next_at > ?",
+        (now, now, now),
+    )
+    await con.execute(
+        "UPDATE jobs SET next_at = ? WHERE state = 'pending' AND next_at > ?", (now, now + 3700.0)
+    )
+
+
 async def _unsent_again(con: Any) -> int:
     """Jobs a dead process left mid-submit go back to pending, each counted as ambiguous and
     recorded in the ledger: the server may have created (and billed) their operation."""
@@ -176,6 +192,7 @@ class Queue:
         counted as ambiguous and recorded in the ledger (they may be billed and count against
         the hourly quota)."""
         async with self.db.transaction() as con:
+            await _clock_stepped_back(con, time.time())
             return await _unsent_again(con)
 
     async def claim(self, limit: int, now: float) -> list[Claim]:

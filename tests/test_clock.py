@@ -1,0 +1,59 @@
+"""A wall clock that steps between runs (NTP, a hardware clock kept in local time, a restored
+VM): what the stored times then say, and that a resumed run neither hangs nor holds back."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.conftest import batch_for, db_rows, execute
+
+pytestmark = pytest.mark.anyio
+
+
+async def start_and_stop(e: Any, tmp_path: Path, n: int, **kw: Any) -> None:
+    """Submit ``n`` jobs and stop the run while their operations are still running."""
+    async with batch_for(e, tmp_path, **kw) as batch:
+        await batch.add([f"p{i}" for i in range(n)])
+        with anyio.move_on_after(0.8):
+            await batch.run()
+    assert db_rows(tmp_path / "runner.db", "SELECT COUNT(*) FROM jobs WHERE state = 'running'") == [(n,)]
+
+
+def clock_back(tmp_path: Path, seconds: float) -> None:
+    """As if the clock the stored times were read from ran ``seconds`` ahead of today's."""
+    db = tmp_path / "runner.db"
+    execute(db, "UPDATE jobs SET submitted_at = submitted_at + ?, next_at = next_at + ?", seconds, seconds)
+    execute(db, "UPDATE operations SET sent_at = sent_at + ?", seconds)
+
+
+@pytest.mark.parametrize("step", [5, 3 * 3600])
+async def test_running_operations_stored_ahead_of_the_clock_are_polled_on_resume(
+    make_emulator: Any, tmp_path: Path, step: float
+) -> None:
+    # review G: a running job whose stored submit time lay ahead of the clock was never loaded
+    # by the resumed run, which then waited for good (0 polls; "running 0, pending 5")
+    e = await make_emulator(latency=(1.5, 1.5))
+    await start_and_stop(e, tmp_path, 5)
+    clock_back(tmp_path, step)
+    async with batch_for(e, tmp_path) as batch:
+        with anyio.fail_after(20):
+            report = await batch.run()
+        assert report.exit_code == 0 and [r.status for r in await batch.results()] == ["done"] * 5
+    assert e.stats["submits"] == 5
+
+
+async def test_a_retry_due_hours_ahead_of_the_clock_is_due_now(make_emulator: Any, tmp_path: Path) -> None:
+    # a pending job's next try, stored by a clock hours ahead, was waited for
+    e = await make_emulator(latency=(0.1, 0.2))
+    async with batch_for(e, tmp_path) as batch:
+        await batch.add([f"p{i}" for i in range(3)])
+    execute(tmp_path / "runner.db", "UPDATE jobs SET next_at = ?", time.time() + 3 * 3600)
+    async with batch_for(e, tmp_path) as batch:
+        with anyio.fail_after(20):
+            assert (await batch.run()).exit_code == 0
+    assert e.stats["submits"] == 3
