@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -149,6 +150,7 @@ class Batch:
         self._tg: Any = None
         self._created = ""  # "new", "empty" (a 0-byte file was there) or ""
         self._running = False
+        self._gone: StorageError | None = None  # the database was deleted or replaced mid-run
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -197,6 +199,8 @@ class Batch:
                 os.truncate(side_file(self.path, ""), 0)
 
     async def _open(self, write: bool = True) -> Database:
+        if self._gone is not None:  # its file is gone: what it held is in the copy named
+            raise StorageError(str(self._gone))
         if write:
             self._lock.acquire()
         if self._db is None:
@@ -289,25 +293,29 @@ class Batch:
     async def _execute(self, out_path: str | None, notify: Callable[[], None]) -> RunReport:
         self._refuse_while_running("start a second run")
         self._running = True
+        out_folder = os.path.dirname(os.path.abspath(out_path)) if out_path else None  # cwd may go
         try:
             with storage_guard(self.path):
                 report = await execute(self, out_path, notify)
         finally:
             self._running = False
-            if self._db is not None and self._db.gone:  # whatever else ended the run
+            if self._db is not None and self._db.check_gone():  # whatever else ended the run
                 with anyio.CancelScope(shield=True):
-                    raise await self._lost(self._db)  # this error is the news
+                    self._gone = await self._lost(self._db, out_folder)
+                    raise self._gone  # this error is the news
         return report
 
-    @staticmethod
-    async def _lost(db: Database) -> StorageError:
+    async def _lost(self, db: Database, out_folder: str | None) -> StorageError:
         """The database was deleted or replaced mid-run: what the open file holds (every
-        operation id sent) is copied out, so the operations still running can be collected."""
+        operation id sent) is copied out, so the operations still running can be collected
+        (with the built-in emulator's state, which holds them in an emulator batch)."""
         try:
-            copy = await db.save_copy()
+            copy = await db.save_copy(also=(out_folder,) if out_folder else ())
         except (OSError, sqlite3.Error) as e:
             saved = f"its state could not be copied out ({e}): the operations still running are lost"
         else:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(side_file(self.path, ".emulator"), copy + ".emulator")
             saved = (f"its state, every operation id sent included, was saved to {copy}: run again "
                      f"with --db {copy} (and the same -o) to collect what is still running")  # fmt: skip
         return StorageError(f"{db.gone}; the run stopped and sent nothing more; {saved}")

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -54,6 +55,16 @@ def side_file(db_path: str, suffix: str) -> str:
 
 class FileGone(FileNotFoundError):
     """The database's path no longer leads to the file runner opened."""
+
+
+def _writable_folder(place: str) -> str | None:
+    """``place`` as an absolute folder runner may write in, or None (a removed working
+    directory cannot even be named)."""
+    try:
+        folder = os.path.realpath(place)
+    except OSError:
+        return None
+    return folder if os.path.isdir(folder) and os.access(folder, os.W_OK) else None
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -151,6 +162,7 @@ class Database:
         self._where = os.path.realpath(path)  # the file itself, whatever cwd or links do later
         self._file = _identity(self._where)
         self.gone: str | None = None  # why the path no longer leads to the file opened
+        self._sides: dict[str, tuple[int, int] | None] = {}  # its -wal and -shm, as opened
 
     def check_file(self) -> None:
         """The path must still lead to the file that was opened: a database deleted (or its
@@ -163,22 +175,51 @@ class Database:
             self.gone = f"{self.path} was deleted or replaced while runner was using it"
             raise FileGone(errno.ENOENT, self.gone)
 
-    async def save_copy(self) -> str:
-        """Copy the database as this connection sees it to a new file beside where it was (or
-        in the working directory if that folder is gone too); the copy's path."""
-        folder = os.path.dirname(self._where)
-        if not os.path.isdir(folder):
-            folder = os.getcwd()
-        stem = os.path.join(folder, os.path.basename(self._where) + ".recovered")
+    def check_gone(self) -> str | None:
+        """Whether the path still leads to the file opened (as ``check_file``, never raising):
+        for a run that ended before any transaction met it (a Ctrl-C)."""
+        with contextlib.suppress(FileGone):
+            self.check_file()
+        return self.gone
+
+    async def save_copy(self, also: tuple[str, ...] = ()) -> str:
+        """Copy the database as this connection sees it to ``<name>.recovered`` beside where it
+        was, or in the first of the working directory, the folders ``also`` and the temporary
+        directory that takes it; the copy's path. The -wal and -shm this connection left at the
+        path are removed, so a database put there in its place is read as it is."""
+        errors = []
+        for place in (os.path.dirname(self._where), ".", *also, tempfile.gettempdir()):
+            folder = _writable_folder(place)
+            if folder is None:
+                continue
+            try:
+                target = await self._copy_to(os.path.join(folder, os.path.basename(self._where)))
+            except (OSError, sqlite3.Error) as e:
+                errors.append(f"{folder}: {e}")
+                continue
+            for suffix, was in self._sides.items():
+                if was is not None and _identity(self._where + suffix) == was:
+                    with contextlib.suppress(OSError):
+                        os.remove(self._where + suffix)
+            return target
+        raise OSError(errno.EIO, "; ".join(errors) or "no folder to write to")
+
+    async def _copy_to(self, name: str) -> str:
+        stem = name + ".recovered"
         target = next(p for p in (stem, *(f"{stem}{n}" for n in range(2, 1000))) if not os.path.exists(p))
         tmp = f"{target}.{os.getpid()}.tmp"
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        dst = sqlite3.connect(tmp, check_same_thread=False)  # used from aiosqlite's thread
         try:
-            await self.con.backup(dst)
-        finally:
-            dst.close()
-        os.replace(tmp, target)
+            dst = sqlite3.connect(tmp, check_same_thread=False)  # used from aiosqlite's thread
+            try:
+                await self.con.backup(dst)
+            finally:
+                dst.close()
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         return target
 
     @classmethod
@@ -198,6 +239,7 @@ class Database:
             db = cls(con, path)
             try:
                 await migrations.migrate(db)
+                db._sides = {x: _identity(db._where + x) for x in ("-wal", "-shm")}
             except sqlite3.DatabaseError as e:
                 if storage_error(e):
                     raise StorageError(f"cannot write {path}: {e}; free space and rerun") from e

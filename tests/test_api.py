@@ -330,3 +330,28 @@ async def test_a_chdir_during_a_run_does_not_pass_for_a_deleted_database(
             os.chdir(tmp_path / "elsewhere")  # a notebook changing directory mid-run
         assert (await run).exit_code == 0 and seen == 8
     assert not (tmp_path / "elsewhere" / "rel.db").exists()
+
+
+async def test_a_batch_whose_database_was_deleted_refuses_more_work(make_emulator: Any, tmp_path: Path) -> None:
+    # review I: after the run stopped on the deleted file, the same Batch took more jobs and
+    # sent them into it (171 more submits), then pointed at a second copy
+    e = await make_emulator(latency=(1.0, 1.5))
+    db = tmp_path / "runner.db"
+
+    def remove_once_running(snap: Any) -> None:
+        if snap.running == 5 and db.exists():
+            db.unlink()
+
+    async with batch_for(e, tmp_path, progress=remove_once_running, progress_interval=0.1) as batch:
+        await batch.add([f"p{i}" for i in range(5)])
+        with pytest.raises(runner.StorageError, match=r"saved to .*runner\.db\.recovered"):
+            await batch.run()
+        with pytest.raises(runner.StorageError, match="deleted or replaced"):
+            await batch.add([{"id": "more", "prompt": "more"}])
+        with pytest.raises(runner.StorageError, match="deleted or replaced"):
+            await batch.run()
+    async with runner.Batch(tmp_path / "runner.db.recovered", llm_url=e.url, operation_url=e.url,
+                            credentials=Credentials("f", api_key="k"), settings=fast_settings()) as copy:  # fmt: skip
+        assert (await copy.run()).exit_code == 0
+        assert [r.status for r in await copy.results()] == ["done"] * 5
+    assert e.stats["submits"] == 5
