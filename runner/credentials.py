@@ -107,18 +107,30 @@ class Credentials:
     async def _bearer(self) -> str:
         age = time.monotonic() - self._token_at
         if self._command and (not self._token or age > self.refresh_after):
-            if self._token and age < IAM_LIFETIME - 600 and time.monotonic() < self._retry_at:
-                return self._token  # a refresh failed a moment ago; the token is still good
-            try:
-                await self.refresh(self._token)
-            except CredentialsError:
-                if self._token and age < IAM_LIFETIME - 600:
-                    log.warning("IAM token refresh failed; using the current token for now")
-                    self._retry_at = time.monotonic() + 60.0
-                    return self._token
-                raise
+            if self._token and age < IAM_LIFETIME - 600:  # due, but still good: never wait
+                if time.monotonic() >= self._retry_at and not self._lock.locked():
+                    await self._refresh_early(self._token)
+                return self._token
+            await self.refresh(self._token)
         assert self._token is not None
         return self._token
+
+    async def _refresh_early(self, seen: str) -> None:
+        """A refresh while the token is still good: one try of the command, by one caller; the
+        others go on with the current token meanwhile, and a failure is tried again in a
+        minute (the command's retries, which held every request, are for a token that no
+        longer works)."""
+        async with self._lock:
+            if self._token != seen:
+                return
+            token = await self._try_command()
+            if token.startswith("!"):
+                log.warning("IAM token refresh failed (%s); using the current token for now, "
+                            "trying again in a minute", token[1:])  # fmt: skip
+                self._retry_at = time.monotonic() + 60.0
+                return
+            self._token, self._token_at, self._failed = token, time.monotonic(), None
+            log.info("IAM token refreshed")
 
     async def refresh(self, seen: str | None) -> None:
         """Run the token command, once for all callers that saw the same stale token."""

@@ -478,3 +478,19 @@ async def test_scattered_malformed_polls_do_not_add_up_to_fail_a_finished_operat
     report = await run_against(e, tmp_path, jobs(tmp_path, 1), settings=fast_settings(max_faults=3))
     assert e.stats["fault_poll_shape"] >= 3
     assert report.exit_code == 0 and all_done(tmp_path, 1)[0]["status"] == "done"
+
+
+async def test_a_failing_token_refresh_does_not_hold_requests_while_the_token_is_good(tmp_path: Path) -> None:
+    # review G: the refresh due at 11 h held its lock through the command's retries (300 s),
+    # and every request waited on it: 83% of the last hour lost while the token was valid
+    from runner.credentials import Credentials
+
+    script = tmp_path / "token.sh"
+    script.write_text("#!/bin/sh\nexit 1\n")
+    script.chmod(0o700)
+    creds = Credentials("f", iam_token="initial", token_command=str(script), refresh_after=0.0, retry_for=3.0)
+    with anyio.fail_after(1.5):  # one try of the command, not its three seconds of retries
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(creds.headers)
+        assert (await creds.headers())["Authorization"] == "Bearer initial"
