@@ -63,9 +63,10 @@ class Running:
     """An operation the poller watches (in memory; the row says ``running``)."""
 
     attempt: Attempt
-    submitted_at: float  # wall clock
+    submitted_at: float  # wall clock, as stored
     resubmits: int = 0
     polls: int = 0  # this process's polls of it, recorded with its outcome
+    born: float = 0.0  # its submit on the poller's (monotonic) clock: ages within a run
     errors: int = 0  # consecutive failed polls
     faults: int = 0  # malformed answers: the operation's own faults
     last_miss: float = 0.0  # age at the last poll that found it still running

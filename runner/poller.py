@@ -50,7 +50,7 @@ class Poller:
         self.inflight = 0
         self.horizon_at = math.inf  # monotonic time before which the run cannot end
         self.submitted = 0  # operations this run put in the heap: the first ones are scouts
-        self.newest = 0.0  # wall-clock submit time of the newest operation polled (for the ETA)
+        self.newest = -math.inf  # when the newest operation polled was submitted (for the ETA)
 
     def schedule(self, op: Running, wait: float) -> None:
         due = anyio.current_time() + wait
@@ -64,20 +64,26 @@ class Poller:
     def _horizon(self) -> float:
         return max(0.0, self.horizon_at - anyio.current_time())
 
+    def _born(self, op: Running) -> None:
+        """Its submit on the monotonic clock, from the stored wall-clock time once: ages within
+        a run are then immune to the wall clock stepping (NTP, a suspend on some systems)."""
+        op.born = anyio.current_time() - max(0.0, time.time() - op.submitted_at)
+        self.newest = max(self.newest, op.born)
+
     def eta(self) -> float | None:
         """Seconds until the operations being polled are expected back: the horizon once
         anything is learned, else the prior latency less the newest operation's age, and
         None (unknown) once they have outlived the prior with nothing learned."""
         if self.horizon_at < math.inf:
             return self._horizon()
-        left = self.policy.first - (time.time() - self.newest)
+        left = self.policy.first - (anyio.current_time() - self.newest)
         return left if left > 0 else None
 
     def submitted_now(self, op: Running) -> None:
         """A new operation: schedule its first poll."""
         op.scout, op.fresh = self.policy.scout(self.submitted), True
         self.submitted += 1
-        self.newest = max(self.newest, op.submitted_at)
+        self._born(op)
         wait = self.policy.first_wait(slack=self.sch.slack(), horizon=self._horizon(),
                                       elapsed=self._elapsed(), scout=op.scout)  # fmt: skip
         self.schedule(op, wait)
@@ -86,10 +92,9 @@ class Poller:
         """Operations submitted before this run began: poll them, never resubmit them."""
         after: tuple[float, int] = (-math.inf, 0)
         while page := await self.sch.queue.running_page(after, 1000, before=self.sch.started):
-            now = time.time()
             for op in page:
-                self.schedule(op, max(0.0, self.policy.first - (now - op.submitted_at)))
-                self.newest = max(self.newest, op.submitted_at)
+                self._born(op)
+                self.schedule(op, max(0.0, self.policy.first - (anyio.current_time() - op.born)))
             after = (page[-1].submitted_at, page[-1].attempt.rowid)
             while len(self.heap) > 50_000:  # noqa: ASYNC110 - a bound, not a handoff
                 await anyio.sleep(0.5)
@@ -98,11 +103,11 @@ class Poller:
         """Once a second: the horizon, and every poll scheduled past it pulled in to it."""
         while True:
             await anyio.sleep(1.0)
-            now, wall = anyio.current_time(), time.time()
-            running = [(wall - op.submitted_at, op.last_miss) for _, _, op in self.heap]
+            now = anyio.current_time()
+            running = [(now - op.born, op.last_miss) for _, _, op in self.heap]
             self.horizon_at = now + self.policy.horizon(self.sch.slack(), running)
             if self.policy.replan(self.sch.slack()):
-                self._replan(now, wall)
+                self._replan(now)
             log.debug("horizon in %.1f s; %d running; latency q50 %.1f q99 %.1f (%d seen)",
                       self.horizon_at - now, len(running), self.policy.sketch.quantile(0.5),
                       self.policy.sketch.quantile(0.99), self.policy.sketch.n)  # fmt: skip
@@ -113,11 +118,11 @@ class Poller:
                 heapq.heapify(self.heap)
                 self._changed.set()
 
-    def _replan(self, now: float, wall: float) -> None:
+    def _replan(self, now: float) -> None:
         """First polls not made yet, planned again from the estimate as it is now."""
         wait = self.policy.first_wait(slack=self.sch.slack(), horizon=math.inf,
                                       elapsed=self._elapsed())  # fmt: skip
-        self.heap = [(max(now, now - (wall - op.submitted_at) + wait), n, op)
+        self.heap = [(max(now, op.born + wait), n, op)
                      if op.fresh and not op.polls and not op.scout else (due, n, op)
                      for due, n, op in self.heap]  # fmt: skip
         heapq.heapify(self.heap)
@@ -168,8 +173,7 @@ class Poller:
         self.sch.poll_pacer.answered()
         self.sch.noted("poll")
         op.errors = op.faults = 0  # a budget for answers malformed in a row, not over a life
-        now = time.time()
-        age = now - op.submitted_at
+        now, age = time.time(), anyio.current_time() - op.born
         emit = self.sch.writer.emit
         if not state.done:
             log.debug("operation %s still running at %.1f s", op.operation_id, age)
@@ -214,7 +218,7 @@ class Poller:
         self.sch.writer.emit(Failed(op.attempt, now, failure, op.polls, unfinished=stuck))
 
     def _failed(self, op: Running, sent: float, e: ApiError) -> None:
-        now, age = time.time(), time.time() - op.submitted_at
+        now, age = time.time(), anyio.current_time() - op.born
         if e.kind == "not_found":
             if age >= self.s.retention:  # results are kept 3 days: this one expired
                 self._gone(op, f"expired on the server ({age / 3600:.0f} h after it was "

@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from tests.conftest import batch_for, db_rows, execute
+from tests.procs import emulator_process, emulator_stats
 
 pytestmark = pytest.mark.anyio
 
@@ -57,3 +58,27 @@ async def test_a_retry_due_hours_ahead_of_the_clock_is_due_now(make_emulator: An
         with anyio.fail_after(20):
             assert (await batch.run()).exit_code == 0
     assert e.stats["submits"] == 3
+
+
+async def test_a_clock_stepped_back_mid_run_neither_storms_nor_starves_the_polls(
+    make_emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # review G: ages were read off the wall clock; stepped back 600 s mid-run, the scouts
+    # were polled at the minimum wait (~50 polls each, "finished after -559.8 s") and the other
+    # operations not at all until the clock caught up (10 minutes)
+    real = time.time
+
+    def step_back_once_running(snap: Any) -> None:
+        if snap.running == 30 and time.time is real:
+            monkeypatch.setattr(time, "time", lambda: real() - 600)  # this process's OS clock
+
+    with emulator_process("--latency", "2:2") as url:  # its own process, its own clock
+        async with batch_for(None, tmp_path, llm_url=url, operation_url=url, progress=step_back_once_running,
+                             progress_interval=0.1) as batch:  # fmt: skip
+            await batch.add([f"p{i}" for i in range(30)])
+            with anyio.fail_after(30):
+                report = await batch.run()
+        polls = emulator_stats(url)["polls"]
+    assert time.time is not real  # it stepped
+    assert report.exit_code == 0
+    assert polls <= 30 * 20, polls  # as many as without the step (~430); a storm made ~50 each
