@@ -173,7 +173,16 @@ class Database:
         (``save_copy``) before it closes it."""
         if self.gone is None and self._file is not None and _identity(self._where) != self._file:
             self.gone = f"{self.path} was deleted or replaced while runner was using it"
+            self._clear_sides()  # at once: a file put at the path must not read them as its own
             raise FileGone(errno.ENOENT, self.gone)
+
+    def _clear_sides(self) -> None:
+        """Remove the -wal and -shm this connection left at the path, if they are still those
+        (the connection keeps them open; a database moved to the path would read them)."""
+        for suffix, was in self._sides.items():
+            if was is not None and _identity(self._where + suffix) == was:
+                with contextlib.suppress(OSError):
+                    os.remove(self._where + suffix)
 
     def check_gone(self) -> str | None:
         """Whether the path still leads to the file opened (as ``check_file``, never raising):
@@ -197,10 +206,7 @@ class Database:
             except (OSError, sqlite3.Error) as e:
                 errors.append(f"{folder}: {e}")
                 continue
-            for suffix, was in self._sides.items():
-                if was is not None and _identity(self._where + suffix) == was:
-                    with contextlib.suppress(OSError):
-                        os.remove(self._where + suffix)
+            self._clear_sides()
             return target
         raise OSError(errno.EIO, "; ".join(errors) or "no folder to write to")
 

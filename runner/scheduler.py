@@ -157,10 +157,12 @@ class Scheduler:
             log.warning("API reachable again (%s requests) after %.0f s", family, time.time() - since)
 
     async def _watchdog(self) -> None:
-        """Once a second: end the run past --max-outage, and publish the outage for `status`."""
+        """Once a second: end the run past --max-outage or once its database file is gone (a
+        quiet spell commits nothing that would notice), and publish the outage for `status`."""
         shown: list[str] = []
         while True:
             await anyio.sleep(1.0)
+            self.queue.db.check_file()
             now = anyio.current_time()
             outages = self.outages()
             if [o.family for o in outages] != shown or outages:

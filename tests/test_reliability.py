@@ -189,6 +189,31 @@ def test_an_emulator_batch_whose_database_was_replaced_resumes_from_its_copy(tmp
     assert len(read_out(tmp_path / "out.jsonl")) == 100
 
 
+def test_a_database_moved_into_place_during_a_quiet_spell_is_read_as_it_is(tmp_path: Path) -> None:
+    # review J: with every operation running and nothing to commit, the swap went unnoticed
+    # for as long as they ran; meanwhile the run's -wal beside the path made `runner status`
+    # read the run's 50 jobs from the other batch's file, and checkpoint them into it for good
+    make_jobs(tmp_path / "jobs.jsonl", 50)
+    write_jobs(tmp_path / "other.jsonl", [{"id": f"o{i}", "prompt": "x"} for i in range(10)])
+    assert CliRunner().invoke(cli, ["run", str(tmp_path / "other.jsonl"), "--emulator", "--db",
+                                    str(tmp_path / "other.db")]).exit_code == 0  # fmt: skip
+    with emulator_process("--latency", "40:41") as url:
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--db", "r.db", "-o", "out.jsonl"),
+                                cwd=tmp_path, env=child_env(url), stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while db_states(tmp_path / "r.db").get("running", 0) < 50:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        (tmp_path / "other.db").rename(tmp_path / "r.db")
+        time.sleep(3)  # the run notices within a second or two
+        status = subprocess.run(runner_cmd("status", "--json", "--db", "r.db"), cwd=tmp_path,
+                                env=child_env(url), capture_output=True, text=True, timeout=30)  # fmt: skip
+        _, err = proc.communicate(timeout=20)  # it stopped by itself, its operations still running
+    assert json.loads(status.stdout)["done"] == 10, status.stdout  # the other batch, as it was
+    assert proc.returncode == 5 and "r.db.recovered" in err, err
+    assert db_rows(tmp_path / "r.db.recovered", "SELECT COUNT(*) FROM jobs WHERE state = 'running'") == [(50,)]
+
+
 @pytest.fixture
 def stored_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
