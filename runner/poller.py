@@ -209,7 +209,8 @@ class Poller:
                                           error=ApiFailure(code, f"operation {why}")))  # fmt: skip
             self.sch.work_changed()
             return
-        hint = ("; rerun with --resubmit-stuck to send it again" if stuck and not
+        hint = ("; `runner retry` then a longer --op-deadline waits for it, or rerun with "
+                "--resubmit-stuck to send it again" if stuck and not
                 self.s.resubmit_stuck else f" (submitted {op.resubmits + 1} times, --max-resubmits "
                 f"{self.s.max_resubmits})")  # fmt: skip
         failure = ApiFailure(code, f"operation {op.operation_id} {why}{hint}")
@@ -218,7 +219,8 @@ class Poller:
         self.sch.writer.emit(Failed(op.attempt, now, failure, op.polls, unfinished=stuck))
 
     def _failed(self, op: Running, sent: float, e: ApiError) -> None:
-        now, age = time.time(), anyio.current_time() - op.born
+        # a suspend stops the monotonic clock, not the server's retention: the larger age
+        now, age = time.time(), max(anyio.current_time() - op.born, time.time() - op.submitted_at)
         if e.kind == "not_found":
             if age >= self.s.retention:  # results are kept 3 days: this one expired
                 self._gone(op, f"expired on the server ({age / 3600:.0f} h after it was "

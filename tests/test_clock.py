@@ -10,7 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.conftest import batch_for, db_rows, execute
+import runner
+from tests.conftest import batch_for, db_rows, execute, fast_settings
 from tests.procs import emulator_process, emulator_stats
 
 pytestmark = pytest.mark.anyio
@@ -82,3 +83,25 @@ async def test_a_clock_stepped_back_mid_run_neither_storms_nor_starves_the_polls
     assert time.time is not real  # it stepped
     assert report.exit_code == 0
     assert polls <= 30 * 20, polls  # as many as without the step (~430); a storm made ~50 each
+
+
+async def test_operations_that_expired_over_a_suspend_are_sent_again_not_blamed_on_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # review J, of the monotonic ages: a suspend stops the monotonic clock, not the server's
+    # retention; operations expired over it answered 404 and were judged too young to have
+    # expired: exit 3, "check --operation-url"
+    real = time.time
+
+    def suspend_once_running(snap: Any) -> None:
+        if snap.running == 3 and time.time is real:
+            monkeypatch.setattr(time, "time", lambda: real() + 120)  # woken 120 s later
+
+    with emulator_process("--latency", "1:1", "--op-expire-rate", "1") as url:
+        async with batch_for(None, tmp_path, llm_url=url, operation_url=url, progress=suspend_once_running,
+                             progress_interval=0.05, settings=fast_settings(retention=60.0)) as batch:  # fmt: skip
+            await batch.add([f"p{i}" for i in range(3)])
+            with anyio.fail_after(30), pytest.raises(runner.CredentialsError):
+                await batch.run()  # the operations sent again expire at once too: this emulator
+        submits = emulator_stats(url)["submits"]
+    assert submits == 6  # each expired one sent again once, before the young 404 stopped the run
