@@ -258,17 +258,18 @@ class Queue:
                 f"SELECT rowid, ?, state, attempts, operation_id, error, result FROM jobs WHERE {cond}",
                 (time.time(), *args),
             )
-            fresh = ("next_at = 0, finish_seq = NULL, finished_at = NULL, faults_base = faults, "
+            fresh = ("finish_seq = NULL, finished_at = NULL, faults_base = faults, "
                      "resubmits_base = resubmits, result = NULL, error = NULL, "
                      "cancel_requested = 0, op_unfinished = 0")  # fmt: skip
-            # an operation never seen to end is polled again, not paid for again
+            # an operation never seen to end is polled again, not paid for again; a running
+            # job's next_at is its submit time (what the loader orders by, status ages)
             resumed = await con.execute(
-                f"UPDATE jobs SET state = 'running', {fresh} "
+                f"UPDATE jobs SET state = 'running', next_at = COALESCE(submitted_at, 0), {fresh} "
                 f"WHERE {cond} AND op_unfinished AND operation_id IS NOT NULL",
                 args,
             )
             cur = await con.execute(
-                f"UPDATE jobs SET state = 'pending', {fresh}, idem_key = NULL, "
+                f"UPDATE jobs SET state = 'pending', next_at = 0, {fresh}, idem_key = NULL, "
                 f"operation_id = NULL WHERE {cond}",
                 args,
             )

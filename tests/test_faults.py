@@ -383,6 +383,8 @@ async def test_an_operation_failed_at_its_deadline_is_polled_again_on_retry_not_
     assert report.exit_code == 1 and e.stats["submits"] == 3
     async with batch_for(e, tmp_path) as batch:
         assert await batch.retry() == 3
+        # review J: a resumed job's submit time was reset to 0: "oldest running 57 years"
+        assert (await batch.status())["oldestRunningAgeSeconds"] < 60
         assert (await batch.run()).exit_code == 0
         assert [r.status for r in await batch.results()] == ["done"] * 3
     assert e.stats["submits"] == 3  # the same three operations, polled again
