@@ -67,6 +67,7 @@ class Running:
     resubmits: int = 0
     polls: int = 0  # this process's polls of it, recorded with its outcome
     born: float = 0.0  # its submit on the poller's (monotonic) clock: ages within a run
+    slept: float = 0.0  # how long the machine had slept (suspended) since boot, at ``born``
     errors: int = 0  # consecutive failed polls
     faults: int = 0  # malformed answers: the operation's own faults
     last_miss: float = 0.0  # age at the last poll that found it still running

@@ -39,6 +39,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("runner.poller")
 
 
+def slept() -> float:
+    """Seconds the machine has been suspended since boot: the boot clock less the monotonic
+    one (Linux); 0 where there is no boot clock."""
+    boot = getattr(time, "CLOCK_BOOTTIME", None)
+    if boot is None:
+        return 0.0
+    return time.clock_gettime(boot) - time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
 class Poller:
     def __init__(self, sch: Scheduler) -> None:
         self.sch = sch
@@ -68,6 +77,7 @@ class Poller:
         """Its submit on the monotonic clock, from the stored wall-clock time once: ages within
         a run are then immune to the wall clock stepping (NTP, a suspend on some systems)."""
         op.born = anyio.current_time() - max(0.0, time.time() - op.submitted_at)
+        op.slept = slept()
         self.newest = max(self.newest, op.born)
 
     def eta(self) -> float | None:
@@ -219,8 +229,9 @@ class Poller:
         self.sch.writer.emit(Failed(op.attempt, now, failure, op.polls, unfinished=stuck))
 
     def _failed(self, op: Running, sent: float, e: ApiError) -> None:
-        # a suspend stops the monotonic clock, not the server's retention: the larger age
-        now, age = time.time(), max(anyio.current_time() - op.born, time.time() - op.submitted_at)
+        # a suspend stops the monotonic clock, not the server's retention: the sleep is added
+        # (from the boot clock, which a wall-clock step does not move either)
+        now, age = time.time(), anyio.current_time() - op.born + slept() - op.slept
         if e.kind == "not_found":
             if age >= self.s.retention:  # results are kept 3 days: this one expired
                 self._gone(op, f"expired on the server ({age / 3600:.0f} h after it was "

@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 import runner
+from runner.polling import PollPolicy
 from tests.conftest import batch_for, db_rows, execute, fast_settings
 from tests.procs import emulator_process, emulator_stats
 
@@ -91,11 +92,12 @@ async def test_operations_that_expired_over_a_suspend_are_sent_again_not_blamed_
     # review J, of the monotonic ages: a suspend stops the monotonic clock, not the server's
     # retention; operations expired over it answered 404 and were judged too young to have
     # expired: exit 3, "check --operation-url"
-    real = time.time
+    real, real_clock = time.time, time.clock_gettime
 
-    def suspend_once_running(snap: Any) -> None:
+    def suspend_once_running(snap: Any) -> None:  # woken 120 s later: the wall and boot clocks
         if snap.running == 3 and time.time is real:
-            monkeypatch.setattr(time, "time", lambda: real() + 120)  # woken 120 s later
+            monkeypatch.setattr(time, "time", lambda: real() + 120)
+            monkeypatch.setattr(time, "clock_gettime", lambda c: real_clock(c) + (120 if c == time.CLOCK_BOOTTIME else 0))
 
     with emulator_process("--latency", "1:1", "--op-expire-rate", "1") as url:
         async with batch_for(None, tmp_path, llm_url=url, operation_url=url, progress=suspend_once_running,
@@ -105,3 +107,26 @@ async def test_operations_that_expired_over_a_suspend_are_sent_again_not_blamed_
                 await batch.run()  # the operations sent again expire at once too: this emulator
         submits = emulator_stats(url)["submits"]
     assert submits == 6  # each expired one sent again once, before the young 404 stopped the run
+
+
+async def test_a_clock_stepped_forward_days_does_not_pass_a_wrong_operation_url_for_expiry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # review K, of ab69854: a 404's age taken as the larger of the wall and monotonic ones made
+    # every running operation "expired" after a 4-day forward step, with a wrong operation URL
+    # (every poll 404): all 20 paid for again before the young ones stopped the run
+    real = time.time
+
+    def step_once_running(snap: Any) -> None:
+        if snap.running == 20 and time.time is real:
+            monkeypatch.setattr(time, "time", lambda: real() + 4 * 86400)
+
+    with emulator_process() as llm, emulator_process() as elsewhere:  # polls go to the wrong one
+        async with batch_for(None, tmp_path, llm_url=llm, operation_url=elsewhere, progress=step_once_running,
+                             progress_interval=0.05,
+                             settings=fast_settings(policy=PollPolicy(prior=2.0, min_wait=0.01))) as batch:  # fmt: skip
+            await batch.add([f"p{i}" for i in range(20)])
+            with anyio.fail_after(30), pytest.raises(runner.CredentialsError, match="not expiry"):
+                await batch.run()
+        submits = emulator_stats(llm)["submits"]
+    assert submits == 20
