@@ -75,7 +75,6 @@ class Writer:
         self.failed: StorageError | None = None
         self._db_failed = False
         self._kept = 0
-        self._cause: BaseException | None = None  # of a database that could not be written
         send, self._receive = anyio.create_memory_object_stream[Outcome](math.inf)
         self._send: MemoryObjectSendStream[Outcome] = send
 
@@ -147,7 +146,7 @@ class Writer:
                 try:
                     applied = await self._commit(batch)
                 except _GaveUp as e:
-                    self._db_failed, self._cause = True, e.error
+                    self._db_failed = True
                     self._rescue(batch)
                     self._fail(f"cannot write {self.queue.db.path}: {e.error}")
                     return
@@ -248,7 +247,7 @@ class Writer:
         kept = (f"; {self._kept} operation ids and answers that could not be committed were "
                 f"saved to {rescue_path(self.queue.db.path)}, applied on the next start"
                 if self._kept else "")  # fmt: skip
-        return f"{self.failed}{kept}. {advice(self._cause)}"
+        return f"{self.failed}{kept}. {advice(None)}"  # a deleted database: Batch._lost says
 
 
 class _GaveUp(Exception):
