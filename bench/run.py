@@ -45,10 +45,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runner import emulator as emu  # noqa: E402
+from runner.polling import PollPolicy  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 
 PY = sys.executable
-PRIOR = 15.0  # runner's default --latency-prior, real seconds
+PRIOR = PollPolicy.prior  # runner's default --latency-prior, real seconds
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ class Batch:
         self.mode = mode
         q = quotas or Quotas()
         if latency_prior is None:  # the docs say minutes; the built-in emulator answers at once
-            latency_prior = EMULATOR_PRIOR if emulator else 15.0
+            latency_prior = EMULATOR_PRIOR if emulator else PollPolicy.prior
         for name, value, least in (
             ("quotas.submit_rps", q.submit_rps, 0.01), ("quotas.poll_rps", q.poll_rps, 0.01),
             ("quotas.hour", q.hour, 0.1), ("request_timeout", request_timeout, 0.1),

@@ -92,8 +92,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="Stop (exit 4) once the API has been unreachable this long (default: wait).")
 @click.option("--retention", default="3d", hidden=True, type=Duration(),
               help="How long the server keeps results; a 404 for a younger operation stops the run.")
-@click.option("--latency-prior", hidden=True, type=Duration(positive=True), envvar="RUNNER_LATENCY_PRIOR",
-              help="First poll before any latency is learned (compressed-time benchmarks).")
+@click.option("--latency-prior", type=Duration(positive=True), envvar="RUNNER_LATENCY_PRIOR",
+              help="First poll before any latency is learned (default 60s; 1s with --emulator).")
 @click.option("--probe-max", default=120.0, hidden=True, type=Number(min=0.05),
               help="Longest wait between probes of an unreachable API (seconds).")
 @click.option("--storage-patience", default=60.0, hidden=True, type=Number(min=0),

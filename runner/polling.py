@@ -193,17 +193,24 @@ class PollPolicy:
     tail_quantile: float = 0.9  # "older than most": past this quantile of the latency
     tail_share: float = 0.005  # from the horizon on, no wait exceeds this share of the run
     alive: float = 3.0  # the horizon: when this many operations are still expected to run
-    prior: float = 15.0  # first poll before anything is learned (the docs say minutes)
+    # first poll before anything is learned: the docs say "from a couple of minutes"; a first
+    # poll at 15 s cost a batch of five ~8 polls a job before its first minute (scouts in 18%
+    # steps), polls its last result then lacked (bench/simulate.py --regime small --seeds 300)
+    prior: float = 60.0
     unlearned: float = 4.0  # the others' first poll before anything is learned, in priors
-    prior_growth: float = 1.18  # the scouts' back-off: their results resolve the latency finely
+    # the scouts' back-off: their results resolve the latency finely, and each is seen within
+    # 12% of its latency (a batch of 20 or fewer is all scouts: mean lag within 10% in every
+    # one of 300 latency draws of five jobs of 1-5 minutes; at 18%, over 10% in 19 of them)
+    prior_growth: float = 1.12
     scouts: int = 20  # a run's first operations are scouts (all of a small batch) ...
     # ... and every this-many-th one after them: 1 in 100 cost the mixed regime 0.05 polls a
     # job more than 1 in 150 over eight latency draws (1.48-1.51 against 1.41-1.46); the
     # end moved by at most 0.4% of T_min either way (bench/simulate.py)
     scout_every: int = 150
     last_few: int = 2  # once submitting is over and this few are left running, ...
-    cadence: float = 2 / 3  # ... each is polled at least every this many priors (10 s) ...
-    last_share: float = 0.02  # ... or this share of its age, if longer
+    cadence: float = 1 / 12  # ... each is polled at least every this many priors (5 s) ...
+    last_cadence: float = 1 / 20  # ... the very last one every this many (3 s) ...
+    last_share: float = 0.01  # ... or this share of its age, if longer
     min_wait: float = 0.02
     min_samples: int = 20
     sketch: LatencySketch = field(default_factory=LatencySketch)
@@ -324,13 +331,17 @@ class PollPolicy:
         one of ``running`` not yet seen done.
 
         The last few (``last_few``, once nothing is left to submit) end the run, and polling
-        them costs little: each is polled at least every ``cadence`` priors (the SDK's 10 s),
-        or ``last_share`` of its age once that is longer (an operation left running for hours
-        is not polled every 10 s). In a batch of five, the last result was otherwise seen up
-        to 18% of its latency late (a back-off step)."""
+        them costs little: each is polled at least every ``cadence`` priors (5 s), the last one
+        every ``last_cadence`` (3 s), or ``last_share`` of its age once that is longer (an
+        operation left running for hours is not polled every few seconds). The SDK polls
+        every 10 s, so it sees the last result 5 s after it is ready on average; runner, with
+        these, 1.5 s to 2.5 s. In a batch of five, the last result was otherwise seen up to a
+        back-off step (12% of its latency) late. Only the last of several: a batch of one or
+        two is polled by its back-off (every 3 s, a lone five-minute completion took 80 polls)."""
         wait = self._next_wait(age, horizon, elapsed, scout, draining)
-        if draining and running <= self.last_few:
-            wait = min(wait, max(self.cadence * self.prior, self.last_share * age))
+        if draining and running <= self.last_few and self.sketch.n >= self.last_few:
+            every = self.last_cadence if running <= 1 else self.cadence
+            wait = min(wait, max(every * self.prior, self.last_share * age))
         return max(self.min_wait, wait)
 
     def _next_wait(

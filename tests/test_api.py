@@ -56,7 +56,8 @@ async def test_results_come_back_in_input_order_and_to_dict_is_the_jsonl_line(
 
     def call() -> list[runner.Result]:
         return runner.run(jobs, db=tmp_path / "r.db", output=tmp_path / "out.jsonl",
-                          llm_url=emulator.url, operation_url=emulator.url)  # fmt: skip
+                          llm_url=emulator.url, operation_url=emulator.url,
+                          latency_prior=0.2)  # fmt: skip
 
     results = await asyncio.to_thread(call)
     assert [r.id for r in results] == [

@@ -166,7 +166,7 @@ def test_the_built_in_emulator_is_polled_from_its_own_latency_not_the_apis(cwd: 
     # newcomer: the README's first command took 35-46 s for seven jobs the emulator answers in
     # 0.2 s: every first poll (each chat turn's too) waited the API's 15 s prior
     assert runner.Batch("e.db", emulator=True).settings.policy.prior == 1.0
-    assert runner.Batch("a.db").settings.policy.prior == 15.0
+    assert runner.Batch("a.db").settings.policy.prior == 60.0
     assert runner.Batch("p.db", emulator=True, latency_prior=3).settings.policy.prior == 3
 
 

@@ -58,7 +58,7 @@ def test_operations_still_running_keep_early_estimates_from_being_too_short() ->
 
 def test_the_first_poll_goes_out_near_the_quantile_once_learned() -> None:
     policy = PollPolicy(quantile=0.85, patient_quantile=0.99)
-    assert policy.first_wait(slack=100.0, horizon=math.inf, elapsed=0.0, scout=True) == 15.0
+    assert policy.first_wait(slack=100.0, horizon=math.inf, elapsed=0.0, scout=True) == policy.prior
     lat = lognormal(2000, median=4.0, sigma=0.8, seed=4)
     for x in lat:
         policy.observe_done(x * 0.9, x * 1.1)
@@ -132,23 +132,29 @@ def test_scouts_grow_rarer_once_the_estimate_has_plenty() -> None:
     assert early == 20 + 49 and late == 5
 
 
-def test_the_last_few_operations_are_polled_at_the_sdks_cadence_or_a_small_share_of_age() -> None:
-    # a batch of five, every one a scout backing off by 18% of its age: the last result was
-    # seen up to 36 s late at 200 s, where the SDK's every-10-s polling sees it within 10 s
-    policy = PollPolicy(prior=15.0)
+def test_the_last_few_operations_are_polled_every_few_seconds_or_a_small_share_of_age() -> None:
+    # a batch of five, every one a scout backing off by 12% of its age: the last result was
+    # seen up to 24 s late at 200 s, where the SDK's every-10-s polling sees it within 10 s
+    policy = PollPolicy(prior=60.0)
     usual = policy.next_wait(200.0, horizon=math.inf, elapsed=210.0, scout=True, draining=True,
                              running=3)  # fmt: skip
-    assert usual == pytest.approx(200.0 * 0.18)
+    assert usual == pytest.approx(200.0 * 0.12)
+    # a batch of one or two is not "the last of several": its back-off, not every few seconds
+    assert policy.next_wait(200.0, horizon=math.inf, elapsed=210.0, scout=True, draining=True,
+                            running=1) == pytest.approx(usual)  # fmt: skip
+    for _ in range(3):  # three of five seen done
+        policy.observe_done(100.0, 110.0)
 
-    def last(age: float) -> float:  # one of the last two
+    def last(age: float, running: int) -> float:
         return policy.next_wait(age, horizon=math.inf, elapsed=age + 10, scout=True,
-                                draining=True, running=2)  # fmt: skip
+                                draining=True, running=running)  # fmt: skip
 
-    assert last(200.0) == pytest.approx(10.0)
-    assert last(7200.0) == pytest.approx(144.0)  # hours old: 2% of its age, not every 10 s
+    assert last(200.0, 2) == pytest.approx(5.0)  # one of the last two
+    assert last(200.0, 1) == pytest.approx(3.0)  # the very last
+    assert last(7200.0, 1) == pytest.approx(72.0)  # hours old: 1% of its age, not every 3 s
     # while there is still work to submit, the last few are not the run's end
     assert policy.next_wait(200.0, horizon=math.inf, elapsed=210.0, scout=True,
-                            running=2) == pytest.approx(usual)  # fmt: skip
+                            running=1) == pytest.approx(usual)  # fmt: skip
 
 
 def test_from_the_horizon_on_no_wait_exceeds_the_tail_share_of_the_run() -> None:
