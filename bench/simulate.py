@@ -82,6 +82,11 @@ def simulate(
                 seen[k] = t
                 running.discard(k)
                 policy.observe_done(miss[k], age)
+                if len(running) <= policy.last_few:  # the last ones' polls pulled in, as runner does
+                    heap = [(min(due, t + policy.last_cap(t - sent[j], draining=t >= last,
+                                                          running=len(running))), kd, j)
+                            if kd == 0 else (due, kd, j) for due, kd, j in heap]  # fmt: skip
+                    heapq.heapify(heap)
             else:
                 miss[k] = age
                 wait = policy.next_wait(age, horizon=horizon, elapsed=t, scout=policy.scout(k),

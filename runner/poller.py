@@ -128,6 +128,22 @@ class Poller:
                 heapq.heapify(self.heap)
                 self._changed.set()
 
+    def _closing_in(self) -> None:
+        """An operation just finished (it is still counted in flight): if only the last few of
+        the run are left, their next polls come no later than the policy's cap for them."""
+        running = len(self.heap) + self.inflight - 1
+        if running > self.policy.last_few or not self.heap:
+            return
+        now, draining = anyio.current_time(), self.sch.slack() <= 0
+        caps = [now + self.policy.last_cap(now - op.born, draining=draining, running=running)
+                for _, _, op in self.heap]  # fmt: skip
+        if all(cap >= due for cap, (due, _, _) in zip(caps, self.heap, strict=True)):
+            return
+        self.heap = [(min(due, cap), n, op)
+                     for cap, (due, n, op) in zip(caps, self.heap, strict=True)]  # fmt: skip
+        heapq.heapify(self.heap)
+        self._changed.set()
+
     def _replan(self, now: float) -> None:
         """First polls not made yet, planned again from the estimate as it is now."""
         wait = self.policy.first_wait(slack=self.sch.slack(), horizon=math.inf,
@@ -200,6 +216,7 @@ class Poller:
         log.debug("operation %s finished after %.1f s (poll %d)", op.operation_id, age, op.polls)
         if op.fresh or op.polls > 1:  # not a previous run's, found done long after it finished
             self.policy.observe_done(op.last_miss, age)
+        self._closing_in()
         if state.completion is not None:
             emit(Answered(op.attempt, now, state.completion, op.polls, chat=op.chat))
         elif state.cancelled:

@@ -208,7 +208,7 @@ class PollPolicy:
     # end moved by at most 0.4% of T_min either way (bench/simulate.py)
     scout_every: int = 150
     last_few: int = 2  # once submitting is over and this few are left running, ...
-    cadence: float = 1 / 12  # ... each is polled at least every this many priors (5 s) ...
+    cadence: float = 1 / 8  # ... each is polled at least every this many priors (7.5 s) ...
     last_cadence: float = 1 / 20  # ... the very last one every this many (3 s) ...
     last_share: float = 0.01  # ... or this share of its age, if longer
     min_wait: float = 0.02
@@ -331,18 +331,26 @@ class PollPolicy:
         one of ``running`` not yet seen done.
 
         The last few (``last_few``, once nothing is left to submit) end the run, and polling
-        them costs little: each is polled at least every ``cadence`` priors (5 s), the last one
+        them costs little: each is polled at least every ``cadence`` priors (7.5 s), the last one
         every ``last_cadence`` (3 s), or ``last_share`` of its age once that is longer (an
         operation left running for hours is not polled every few seconds). The SDK polls
         every 10 s, so it sees the last result 5 s after it is ready on average; runner, with
-        these, 1.5 s to 2.5 s. In a batch of five, the last result was otherwise seen up to a
+        these, 1.5 s to 3.75 s. In a batch of five, the last result was otherwise seen up to a
         back-off step (12% of its latency) late. Only the last of several: a batch of one or
         two is polled by its back-off (every 3 s, a lone five-minute completion took 80 polls)."""
-        wait = self._next_wait(age, horizon, elapsed, scout, draining)
+        wait = min(self._next_wait(age, horizon, elapsed, scout, draining),
+                   self.last_cap(age, draining=draining, running=running))  # fmt: skip
+        return max(self.min_wait, wait)
+
+    def last_cap(self, age: float, *, draining: bool, running: int) -> float:
+        """The longest wait of one of the last few of several (see ``next_wait``), else
+        infinity. Also for the polls planned while more were running: once the others finish,
+        the last ones' next polls are pulled in to it (else the last could sleep through the
+        end for a whole back-off step planned when three were left)."""
         if draining and running <= self.last_few and self.sketch.n >= self.last_few:
             every = self.last_cadence if running <= 1 else self.cadence
-            wait = min(wait, max(every * self.prior, self.last_share * age))
-        return max(self.min_wait, wait)
+            return max(every * self.prior, self.last_share * age)
+        return math.inf
 
     def _next_wait(
         self, age: float, horizon: float, elapsed: float, scout: bool, draining: bool

@@ -149,7 +149,7 @@ def test_the_last_few_operations_are_polled_every_few_seconds_or_a_small_share_o
         return policy.next_wait(age, horizon=math.inf, elapsed=age + 10, scout=True,
                                 draining=True, running=running)  # fmt: skip
 
-    assert last(200.0, 2) == pytest.approx(5.0)  # one of the last two
+    assert last(200.0, 2) == pytest.approx(7.5)  # one of the last two
     assert last(200.0, 1) == pytest.approx(3.0)  # the very last
     assert last(7200.0, 1) == pytest.approx(72.0)  # hours old: 1% of its age, not every 3 s
     # while there is still work to submit, the last few are not the run's end

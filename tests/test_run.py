@@ -12,11 +12,13 @@ import pytest
 
 from runner import emulator as emu
 from runner.errors import InputError, StoreError
+from runner.polling import PollPolicy
 from tests.conftest import (
     Emu,
     batch_for,
     db_rows,
     execute,
+    fast_settings,
     read_out,
     run_against,
     uncommit_last_line,
@@ -210,3 +212,28 @@ async def test_migrations_are_applied_once_and_recorded(emulator: Emu, tmp_path:
     assert rows and rows[0] == (1, "0001_jobs.sql")
     assert len(rows) == len({r[0] for r in rows})
     assert db_rows(tmp_path / "runner.db", "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_the_last_one_is_polled_closely_once_the_others_are_done(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    # a poll planned while others still ran stood once they were done: the last one then slept
+    # through its own end for the whole back-off step (bench small: seen 33 s late, not 3 s)
+    calibrate = await make_emulator(latency=(0.1, 1.0))
+    prompts = [f"p{i}" for i in range(60)]
+    (tmp_path / "c").mkdir()
+    await run_against(calibrate, tmp_path / "c", prompts)
+    lat = {op.body["messages"][-1]["text"]: op.ready_at - op.created
+           for op in calibrate.emulator.ops.values()}  # fmt: skip
+    short = [p for p in prompts if lat[p] < 0.3]
+    last = next(p for p in prompts if 0.55 < lat[p] < 0.8)
+    # sent 0.5 s apart: the last one's first poll (0.4 s old, one still to send) plans the
+    # next 1.6 s on; the third is seen done at its first poll, 0.5 s after: the last one alone
+    policy = PollPolicy(prior=0.4, prior_growth=5.0, last_few=1, last_cadence=0.25,
+                        last_share=0.0, min_wait=0.01)  # fmt: skip
+    e = await make_emulator(latency=(0.1, 1.0))
+    report = await run_against(e, tmp_path, [short[0], last, short[1]],
+                               settings=fast_settings(submit_rps=2.0, policy=policy))  # fmt: skip
+    assert report.exit_code == 0
+    [op] = [op for op in e.emulator.ops.values() if op.body["messages"][-1]["text"] == last]
+    assert op.seen_done_at is not None and op.seen_done_at - op.ready_at < 0.7  # 1.2 s or more before
