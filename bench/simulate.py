@@ -71,6 +71,7 @@ def simulate(
             horizon = max(0.0, horizon_at - t)
             if kind == 1:
                 running.add(k)
+                policy.at_once(len(running))
                 wait = policy.first_wait(slack=max(0.0, last - t), horizon=horizon, elapsed=t,
                                          scout=policy.scout(k))  # fmt: skip
                 heapq.heappush(heap, (t + wait, 0, k))

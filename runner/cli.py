@@ -93,7 +93,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--retention", default="3d", hidden=True, type=Duration(),
               help="How long the server keeps results; a 404 for a younger operation stops the run.")
 @click.option("--latency-prior", type=Duration(positive=True), envvar="RUNNER_LATENCY_PRIOR",
-              help="First poll before any latency is learned (default 60s; 1s with --emulator).")
+              help="First poll before 20 results have taught the latency, each chat turn's too "
+                   "(default 60s; 1s with --emulator); lower it for prompts that finish in seconds.")
 @click.option("--probe-max", default=120.0, hidden=True, type=Number(min=0.05),
               help="Longest wait between probes of an unreachable API (seconds).")
 @click.option("--storage-patience", default=60.0, hidden=True, type=Number(min=0),

@@ -197,7 +197,10 @@ class PollPolicy:
     # poll at 15 s cost a batch of five ~8 polls a job before its first minute (scouts in 18%
     # steps), polls its last result then lacked (bench/simulate.py --regime small --seeds 300)
     prior: float = 60.0
-    unlearned: float = 4.0  # the others' first poll before anything is learned, in priors
+    # the others' first poll before anything is learned, in priors (60 s; it was 4 priors of
+    # 15 s: at 4 of 60 s, a batch of 25 kept its last 5 unpolled for 4 minutes, and its last
+    # result was seen 18 s late on average, not 2 s, over 300 latency draws: review L)
+    unlearned: float = 1.0
     # the scouts' back-off: their results resolve the latency finely, and each is seen within
     # 12% of its latency (a batch of 20 or fewer is all scouts: mean lag within 10% in every
     # one of 300 latency draws of five jobs of 1-5 minutes; at 18%, over 10% in 19 of them)
@@ -211,6 +214,7 @@ class PollPolicy:
     cadence: float = 1 / 8  # ... each is polled at least every this many priors (7.5 s) ...
     last_cadence: float = 1 / 20  # ... the very last one every this many (3 s) ...
     last_share: float = 0.01  # ... or this share of its age, if longer
+    most: int = 0  # the most operations running at once in this run so far (see ``last_cap``)
     min_wait: float = 0.02
     min_samples: int = 20
     sketch: LatencySketch = field(default_factory=LatencySketch)
@@ -331,13 +335,14 @@ class PollPolicy:
         one of ``running`` not yet seen done.
 
         The last few (``last_few``, once nothing is left to submit) end the run, and polling
-        them costs little: each is polled at least every ``cadence`` priors (7.5 s), the last one
-        every ``last_cadence`` (3 s), or ``last_share`` of its age once that is longer (an
-        operation left running for hours is not polled every few seconds). The SDK polls
-        every 10 s, so it sees the last result 5 s after it is ready on average; runner, with
-        these, 1.5 s to 3.75 s. In a batch of five, the last result was otherwise seen up to a
-        back-off step (12% of its latency) late. Only the last of several: a batch of one or
-        two is polled by its back-off (every 3 s, a lone five-minute completion took 80 polls)."""
+        them costs little: each is polled at least every ``cadence`` priors (7.5 s), the last
+        one of several every ``last_cadence`` (3 s), or ``last_share`` of its age once that is
+        longer (an operation left running for hours is not polled every few seconds). The SDK
+        polls every 10 s, so it sees the last result 5 s after it is ready on average; runner,
+        with these, 1.5 s to 3.75 s. In a batch of five, the last result was otherwise seen up
+        to a back-off step (12% of its latency) late. "Of several": once more than
+        ``last_few`` ran at once; a lone job or chat is polled every 7.5 s (every 3 s, a lone
+        five-minute completion took 80 polls, and a lone chat as much per turn)."""
         wait = min(self._next_wait(age, horizon, elapsed, scout, draining),
                    self.last_cap(age, draining=draining, running=running))  # fmt: skip
         return max(self.min_wait, wait)
@@ -347,10 +352,14 @@ class PollPolicy:
         infinity. Also for the polls planned while more were running: once the others finish,
         the last ones' next polls are pulled in to it (else the last could sleep through the
         end for a whole back-off step planned when three were left)."""
-        if draining and running <= self.last_few and self.sketch.n >= self.last_few:
-            every = self.last_cadence if running <= 1 else self.cadence
-            return max(every * self.prior, self.last_share * age)
-        return math.inf
+        if not draining or running > self.last_few:
+            return math.inf
+        every = self.last_cadence if running <= 1 and self.most > self.last_few else self.cadence
+        return max(every * self.prior, self.last_share * age)
+
+    def at_once(self, running: int) -> None:
+        """``running`` operations run at once now (one was just submitted or loaded)."""
+        self.most = max(self.most, running)
 
     def _next_wait(
         self, age: float, horizon: float, elapsed: float, scout: bool, draining: bool

@@ -90,6 +90,12 @@ def test_before_anything_is_learned_scouts_back_off_gently_the_rest_patiently() 
     assert polls <= 20 and age < 300.0 * 1.18
 
 
+def test_before_anything_is_learned_the_others_wait_one_prior_for_the_scouts() -> None:
+    # review L: four priors of 60 s kept a batch of 25's last five unpolled for 4 minutes
+    policy = PollPolicy()
+    assert policy.first_wait(slack=0.0, horizon=math.inf, elapsed=0.0) == policy.prior == 60.0
+
+
 def test_before_anything_is_learned_the_others_wait_for_the_scouts() -> None:
     policy = PollPolicy(prior=15.0, unlearned=4.0)
     assert policy.first_wait(slack=0.0, horizon=math.inf, elapsed=0.0) == 60.0
@@ -139,11 +145,11 @@ def test_the_last_few_operations_are_polled_every_few_seconds_or_a_small_share_o
     usual = policy.next_wait(200.0, horizon=math.inf, elapsed=210.0, scout=True, draining=True,
                              running=3)  # fmt: skip
     assert usual == pytest.approx(200.0 * 0.12)
-    # a batch of one or two is not "the last of several": its back-off, not every few seconds
+    # a lone job (or chat) is not "the last of several": every 7.5 s, not every 3 s
+    policy.at_once(1)
     assert policy.next_wait(200.0, horizon=math.inf, elapsed=210.0, scout=True, draining=True,
-                            running=1) == pytest.approx(usual)  # fmt: skip
-    for _ in range(3):  # three of five seen done
-        policy.observe_done(100.0, 110.0)
+                            running=1) == pytest.approx(7.5)  # fmt: skip
+    policy.at_once(5)  # five ran at once
 
     def last(age: float, running: int) -> float:
         return policy.next_wait(age, horizon=math.inf, elapsed=age + 10, scout=True,

@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from runner import emulator as emu
@@ -237,3 +238,21 @@ async def test_the_last_one_is_polled_closely_once_the_others_are_done(
     assert report.exit_code == 0
     [op] = [op for op in e.emulator.ops.values() if op.body["messages"][-1]["text"] == last]
     assert op.seen_done_at is not None and op.seen_done_at - op.ready_at < 0.7  # 1.2 s or more before
+
+
+async def test_a_resumed_lone_operation_is_polled_finely_not_by_doubling(
+    make_emulator: Any, tmp_path: Path
+) -> None:
+    # review L: a run stopped at 70 s of a 150 s completion, resumed: with nothing learned the
+    # loaded operation's waits doubled (70, 140, 280 s) and its result was seen 130 s late
+    e = await make_emulator(latency=(1.6, 1.6))
+    settings = fast_settings(policy=PollPolicy(prior=0.4, min_wait=0.01))
+    async with batch_for(e, tmp_path, settings=settings) as batch:
+        await batch.add(["only"])
+        with anyio.move_on_after(0.7):
+            await batch.run()
+    settings = fast_settings(policy=PollPolicy(prior=0.4, min_wait=0.01))
+    report = await run_against(e, tmp_path, None, settings=settings)
+    assert report.exit_code == 0 and e.stats["submits"] == 1
+    [op] = e.emulator.ops.values()
+    assert op.seen_done_at is not None and op.seen_done_at - op.ready_at < 0.5  # 1.4 s before
