@@ -59,6 +59,7 @@ class Poller:
         self.inflight = 0
         self.horizon_at = math.inf  # monotonic time before which the run cannot end
         self.submitted = 0  # operations this run put in the heap: the first ones are scouts
+        self.loaded = 0  # a previous run's operations loaded: the first ones are scouts too
         self.newest = -math.inf  # when the newest operation polled was submitted (for the ETA)
 
     def schedule(self, op: Running, wait: float) -> None:
@@ -104,8 +105,8 @@ class Poller:
         first (else a resumed run, with nothing learned, doubled every wait: one killed at 70 s
         of its 150 s was seen 130 s late, review L); never counted as fresh, since it may have
         finished long before this poll."""
-        op.scout = self.policy.scout(self.submitted)
-        self.submitted += 1
+        op.scout = self.policy.scout(self.loaded)  # a count of its own: a previous run's
+        self.loaded += 1  # found done teach nothing, and this run's own first are scouts too
         self._born(op)
         self.schedule(op, max(0.0, self.policy.first - (anyio.current_time() - op.born)))
         self.policy.at_once(len(self.heap) + self.inflight)

@@ -256,3 +256,22 @@ async def test_a_resumed_lone_operation_is_polled_finely_not_by_doubling(
     assert report.exit_code == 0 and e.stats["submits"] == 1
     [op] = e.emulator.ops.values()
     assert op.seen_done_at is not None and op.seen_done_at - op.ready_at < 0.5  # 1.4 s before
+
+
+async def test_a_resumed_run_scouts_its_own_new_jobs(make_emulator: Any, tmp_path: Path) -> None:
+    # review M: the previous run's operations took the 20 scout places; found done at their
+    # first poll they taught nothing, and new jobs doubled their waits (end minutes late)
+    e = await make_emulator(latency=(0.05, 0.05))
+    slow = fast_settings(policy=PollPolicy(prior=30.0, min_wait=0.01))
+    async with batch_for(e, tmp_path, settings=slow) as batch:
+        await batch.add([f"old {i}" for i in range(20)])
+        with anyio.move_on_after(0.5):
+            await batch.run()
+    e.emulator.config.latency = (1.0, 1.0)
+    settings = fast_settings(policy=PollPolicy(prior=0.4, min_wait=0.01, last_few=0))
+    async with batch_for(e, tmp_path, settings=settings) as batch:
+        await batch.add([{"id": f"new-{i}", "prompt": f"new {i}"} for i in range(3)])
+        assert (await batch.run()).exit_code == 0
+    new = [op for op in e.emulator.ops.values() if op.body["messages"][-1]["text"].startswith("new")]
+    assert len(new) == 3  # polled in 12% steps: seen within ~0.15 s; doubling: 0.6 s late
+    assert all(op.seen_done_at is not None and op.seen_done_at - op.ready_at < 0.35 for op in new)
