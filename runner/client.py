@@ -176,7 +176,8 @@ class Client:
                 method, url, data=body.encode() if body is not None else None, headers=headers,
                 timeout=self.sync_timeout if sync else self.timeout,
             ) as resp:  # fmt: skip
-                text = await resp.text(errors="replace")
+                # JSON is UTF-8 (RFC 8259): no charset sniffing per answer
+                text = (await resp.read()).decode("utf-8", errors="replace")
                 status = resp.status
                 trace = resp.headers.get("x-request-id", "")
                 retry_after = wire.retry_after_seconds(resp.headers.get("Retry-After"))

@@ -63,21 +63,21 @@ class Poller:
         self.newest = -math.inf  # when the newest operation polled was submitted (for the ETA)
 
     def schedule(self, op: Running, wait: float) -> None:
-        due = anyio.current_time() + wait
+        due = time.monotonic() + wait
         if not self.heap or due < self.heap[0][0]:
             self._changed.set()
         heapq.heappush(self.heap, (due, next(self._seq), op))
 
     def _elapsed(self) -> float:
-        return anyio.current_time() - self.sch.t0
+        return time.monotonic() - self.sch.t0
 
     def _horizon(self) -> float:
-        return max(0.0, self.horizon_at - anyio.current_time())
+        return max(0.0, self.horizon_at - time.monotonic())
 
     def _born(self, op: Running) -> None:
         """Its submit on the monotonic clock, from the stored wall-clock time once: ages within
         a run are then immune to the wall clock stepping (NTP, a suspend on some systems)."""
-        op.born = anyio.current_time() - max(0.0, time.time() - op.submitted_at)
+        op.born = time.monotonic() - max(0.0, time.time() - op.submitted_at)
         op.slept = slept()
         self.newest = max(self.newest, op.born)
 
@@ -87,7 +87,7 @@ class Poller:
         None (unknown) once they have outlived the prior with nothing learned."""
         if self.horizon_at < math.inf:
             return self._horizon()
-        left = self.policy.first - (anyio.current_time() - self.newest)
+        left = self.policy.first - (time.monotonic() - self.newest)
         return left if left > 0 else None
 
     def submitted_now(self, op: Running) -> None:
@@ -108,7 +108,7 @@ class Poller:
         op.scout = self.policy.scout(self.loaded)  # a count of its own: a previous run's
         self.loaded += 1  # found done teach nothing, and this run's own first are scouts too
         self._born(op)
-        self.schedule(op, max(0.0, self.policy.first - (anyio.current_time() - op.born)))
+        self.schedule(op, max(0.0, self.policy.first - (time.monotonic() - op.born)))
         self.policy.at_once(len(self.heap) + self.inflight)
 
     async def loader(self) -> None:
@@ -125,7 +125,7 @@ class Poller:
         """Once a second: the horizon, and every poll scheduled past it pulled in to it."""
         while True:
             await anyio.sleep(1.0)
-            now = anyio.current_time()
+            now = time.monotonic()
             running = [(now - op.born, op.last_miss) for _, _, op in self.heap]
             self.horizon_at = now + self.policy.horizon(self.sch.slack(), running)
             if self.policy.replan(self.sch.slack()):
@@ -146,7 +146,7 @@ class Poller:
         running = len(self.heap) + self.inflight - 1
         if running > self.policy.last_few or not self.heap:
             return
-        now, draining = anyio.current_time(), self.sch.slack() <= 0
+        now, draining = time.monotonic(), self.sch.slack() <= 0
         caps = [now + self.policy.last_cap(now - op.born, draining=draining, running=running)
                 for _, _, op in self.heap]  # fmt: skip
         if all(cap >= due for cap, (due, _, _) in zip(caps, self.heap, strict=True)):
@@ -167,14 +167,16 @@ class Poller:
         self._changed.set()
 
     async def run(self, workers: TaskGroup) -> None:
-        limiter = anyio.Semaphore(self.s.poll_concurrency)
+        # no checkpoint when a permit is free: the pacer's slot and the wait for the next due
+        # poll yield; one per poll cost a few percent of the CPU
+        limiter = anyio.Semaphore(self.s.poll_concurrency, fast_acquire=True)
         breaker = self.sch.breakers["poll"]
         while True:
             if not self.heap:
                 self._changed = anyio.Event()
                 await self._changed.wait()
                 continue
-            due, now = self.heap[0][0], anyio.current_time()
+            due, now = self.heap[0][0], time.monotonic()
             if due > now:
                 self._changed = anyio.Event()
                 with anyio.move_on_after(due - now):
@@ -200,7 +202,7 @@ class Poller:
     async def _poll(self, op: Running) -> None:
         op.polls += 1
         self.sch.stats.polls += 1
-        sent, breaker = anyio.current_time(), self.sch.breakers["poll"]
+        sent, breaker = time.monotonic(), self.sch.breakers["poll"]
         try:
             state = await self.sch.client.poll(op.operation_id)
         except ApiError as e:
@@ -211,7 +213,7 @@ class Poller:
         self.sch.poll_pacer.answered()
         self.sch.noted("poll")
         op.errors = op.faults = 0  # a budget for answers malformed in a row, not over a life
-        now, age = time.time(), anyio.current_time() - op.born
+        now, age = time.time(), time.monotonic() - op.born
         emit = self.sch.writer.emit
         if not state.done:
             log.debug("operation %s still running at %.1f s", op.operation_id, age)
@@ -260,7 +262,7 @@ class Poller:
     def _failed(self, op: Running, sent: float, e: ApiError) -> None:
         # a suspend stops the monotonic clock, not the server's retention: the sleep is added
         # (from the boot clock, which a wall-clock step does not move either)
-        now, age = time.time(), anyio.current_time() - op.born + slept() - op.slept
+        now, age = time.time(), time.monotonic() - op.born + slept() - op.slept
         if e.kind == "not_found":
             if age >= self.s.retention:  # results are kept 3 days: this one expired
                 self._gone(op, f"expired on the server ({age / 3600:.0f} h after it was "
@@ -288,6 +290,6 @@ class Poller:
                                             unfinished=True))  # fmt: skip
                 return
         else:  # transient: never the operation's fault, and never a reason to give it up
-            if breaker.failure(anyio.current_time(), sent, op.attempt.rowid, e.short) == "probe":
-                breaker.probe_failed(anyio.current_time())
+            if breaker.failure(time.monotonic(), sent, op.attempt.rowid, e.short) == "probe":
+                breaker.probe_failed(time.monotonic())
         self.schedule(op, delay(op.errors, base=0.5, cap=30.0, retry_after=e.retry_after))

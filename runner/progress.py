@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 from runner import reports
 
 if TYPE_CHECKING:
@@ -83,7 +81,7 @@ async def snapshot(sch: Scheduler, base: dict[str, int], prices: dict[str, float
     tokens = int(await db.value("SELECT total_tokens FROM totals") or 0)
     now = time.monotonic()
     marks: list[tuple[float, int, int]] = getattr(sch, "_progress_marks", None) or [
-        (now - (anyio.current_time() - sch.t0), 0, 0)  # rates over the run until a mark
+        (sch.t0, 0, 0)  # rates over the run until a mark
     ]
     # rates since the newest mark at least a second old: a snapshot just after another (the
     # last one of a run) would divide a few requests by a few milliseconds

@@ -88,7 +88,7 @@ class Scheduler:
         self._batch_sent = anyio.Event()  # set each time the submitter is done with a batch
         self.done = anyio.Event()
         self.started = time.time()
-        self.t0 = anyio.current_time()
+        self.t0 = time.monotonic()
         self._inflight = 0  # sync requests on the wire
         self.poller = Poller(self)
         self.listener: Callable[[], None] = lambda: None  # told after every commit
@@ -109,7 +109,7 @@ class Scheduler:
         return self.submit_pacer.horizon(self.pending)
 
     def outages(self) -> list[Outage]:
-        now = anyio.current_time()
+        now = time.monotonic()
         return [Outage(f, self._outage_since.get(f, time.time()), b.error, b.wait(now))
                 for f, b in self.breakers.items() if b.is_open]  # fmt: skip
 
@@ -119,7 +119,7 @@ class Scheduler:
             self.done.set()
             return
         since = time.time() - self.submit_pacer.hour
-        offset = anyio.current_time() - time.time()
+        offset = time.monotonic() - time.time()
         self.submit_pacer.seed(t + offset for t in await self.queue.recent_submits(since))
         workers.start_soon(self._submitter, workers)
         workers.start_soon(self._watchdog)
@@ -163,7 +163,7 @@ class Scheduler:
         while True:
             await anyio.sleep(1.0)
             self.queue.db.check_file()
-            now = anyio.current_time()
+            now = time.monotonic()
             outages = self.outages()
             if [o.family for o in outages] != shown or outages:
                 shown = [o.family for o in outages]
@@ -188,8 +188,8 @@ class Scheduler:
     async def gate(self, family: str) -> None:
         """Wait until a request of ``family`` may go: at once when closed, else as the probe."""
         b = self.breakers[family]
-        while not b.allow(anyio.current_time()):  # noqa: ASYNC110 - a deadline, not a handoff
-            await anyio.sleep(max(0.05, b.wait(anyio.current_time())))
+        while not b.allow(time.monotonic()):  # noqa: ASYNC110 - a deadline, not a handoff
+            await anyio.sleep(max(0.05, b.wait(time.monotonic())))
 
     # -- submitting -----------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ class Scheduler:
         sync = self.s.mode == "sync"
         concurrency = self.s.sync_concurrency if sync else (
             self.s.submit_concurrency or max(4, math.ceil(self.s.submit_rps * 0.5)))  # fmt: skip
-        limiter = anyio.Semaphore(concurrency)
+        limiter = anyio.Semaphore(concurrency, fast_acquire=True)  # the pacer's slot yields
         breaker = self.breakers["submit"]
         send, receive = anyio.create_memory_object_stream[tuple[list[Claim], bool]](0)
         async with anyio.create_task_group() as claiming, receive:
@@ -251,9 +251,9 @@ class Scheduler:
                 # pauses a second; an endless loss costs 6 an hour
                 gap = min(self.s.paid_probe_every, 2.0**self._gated)
                 out = self._gated_out is not None
-                if lost and (out or self._lost_at + gap > anyio.current_time()):
+                if lost and (out or self._lost_at + gap > time.monotonic()):
                     await anyio.sleep(0.05 if out else
-                                      min(1.0, self._lost_at + gap - anyio.current_time()))  # fmt: skip
+                                      min(1.0, self._lost_at + gap - time.monotonic()))  # fmt: skip
                     continue
                 was_open = breaker.is_open
                 await self.gate("submit")
@@ -300,7 +300,7 @@ class Scheduler:
             limiter.release()
 
     async def _submit(self, claim: Claim, stamp: float) -> None:
-        a, sent = claim.attempt, anyio.current_time()
+        a, sent = claim.attempt, time.monotonic()
         breaker = self.breakers["submit"]
         body = expand(claim.body, self.folder_id)
         try:
@@ -337,7 +337,7 @@ class Scheduler:
         if not e.maybe_created:
             self.submit_pacer.refund(stamp)  # nothing was accepted: it does not use the quota
         else:
-            self._lost, self._lost_at = self._lost + 1, anyio.current_time()
+            self._lost, self._lost_at = self._lost + 1, time.monotonic()
             if self._lost == LOST_SUBMITS:
                 self._lost_since = self._lost_at
                 log.warning("%d submits in a row lost their answer (%s): each may have "
@@ -366,7 +366,7 @@ class Scheduler:
         if e.kind == "transient":
             breaker = self.breakers["submit"]
             opened = breaker.is_open
-            verdict = breaker.failure(anyio.current_time(), sent, a.rowid, e.short)
+            verdict = breaker.failure(time.monotonic(), sent, a.rowid, e.short)
             if verdict == "outage" and not opened and await self._service_up():
                 for s in breaker.untrip():  # it tripped, yet the service answers: the jobs'
                     emit(Charged(s.payload[0], now, s.payload[1], self.s.max_faults))
@@ -376,7 +376,7 @@ class Scheduler:
                     breaker.answered()  # the service is up: the probe job's own failure
                     verdict = "job"
                 else:
-                    breaker.probe_failed(anyio.current_time())
+                    breaker.probe_failed(time.monotonic())
                     verdict = "outage"
             elif verdict == "repeat":
                 earlier = breaker.suspects.pop(a.rowid)
@@ -385,7 +385,7 @@ class Scheduler:
                     faults += 1
                     verdict = "job"
                 else:
-                    breaker.trip(anyio.current_time(), e.short)
+                    breaker.trip(time.monotonic(), e.short)
                     verdict = "outage"
             if verdict != "job":
                 if verdict == "unsure":
