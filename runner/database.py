@@ -158,7 +158,7 @@ class Database:
     def __init__(self, con: aiosqlite.Connection, path: str) -> None:
         self.con = con
         self.path = path
-        self._lock = anyio.Lock(fast_acquire=True)  # the queries yield
+        self._lock = anyio.Lock(fast_acquire=True)  # BEGIN IMMEDIATE always yields
         self._where = os.path.realpath(path)  # the file itself, whatever cwd or links do later
         self._file = _identity(self._where)
         self.gone: str | None = None  # why the path no longer leads to the file opened

@@ -167,8 +167,9 @@ class Poller:
         self._changed.set()
 
     async def run(self, workers: TaskGroup) -> None:
-        # no checkpoint when a permit is free: the pacer's slot and the wait for the next due
-        # poll yield; one per poll cost a few percent of the CPU
+        # no checkpoint when a permit is free (one per poll cost a few percent of the CPU); the
+        # pacer's slot yields only when the next slot is ahead, so at a pace higher than the
+        # loop a round without a yield ends at the latest when the permits are out
         limiter = anyio.Semaphore(self.s.poll_concurrency, fast_acquire=True)
         breaker = self.sch.breakers["poll"]
         while True:

@@ -200,7 +200,8 @@ class Scheduler:
         sync = self.s.mode == "sync"
         concurrency = self.s.sync_concurrency if sync else (
             self.s.submit_concurrency or max(4, math.ceil(self.s.submit_rps * 0.5)))  # fmt: skip
-        limiter = anyio.Semaphore(concurrency, fast_acquire=True)  # the pacer's slot yields
+        # no checkpoint when free; a round without a yield ends when the permits or the batch do
+        limiter = anyio.Semaphore(concurrency, fast_acquire=True)
         breaker = self.breakers["submit"]
         send, receive = anyio.create_memory_object_stream[tuple[list[Claim], bool]](0)
         async with anyio.create_task_group() as claiming, receive:
