@@ -498,3 +498,31 @@ def test_on_a_really_full_disk_the_reserved_rescue_keeps_every_operation_id(tmp_
         assert len(read_out(disk / "out.jsonl")) == 300
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_ctrl_c_with_thousands_of_polls_due_at_once_and_no_pace_stops_at_once(tmp_path: Path) -> None:
+    # the request semaphores and the pacer's lock take no checkpoint when free (53d43d2): at a
+    # pace beyond the loop's, with every operation of a resumed run due at once, the poller
+    # must still yield, so a Ctrl-C ends the run promptly and nothing is submitted again
+    make_jobs(tmp_path / "jobs.jsonl", 1000)
+    with stoppable_emulator("--latency", "3:3", "--submit-rps", "100000", "--poll-rps",
+                            "1000000") as (url, _):  # fmt: skip
+        kill_when_running(tmp_path, url, 1000, rps="100000")
+        assert db_states(tmp_path / "runner.db").get("running") == 1000
+        proc = subprocess.Popen(runner_cmd("run", "jobs.jsonl", "--poll-rps", "1000000"),
+                                cwd=tmp_path, env=child_env(url, RUNNER_LATENCY_PRIOR="0.01"),
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while emulator_stats(url).get("polls", 0) < 200:  # the loaded operations' first polls
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        stopped = time.monotonic() - sent
+        assert proc.returncode == 130, err
+        assert stopped < 3.0, stopped
+        assert emulator_stats(url)["submits"] == 1000  # nothing paid for again
+        assert run(["run", "jobs.jsonl", "--poll-rps", "100000"], tmp_path, url).returncode == 0
+        assert emulator_stats(url)["submits"] == 1000
+    assert db_states(tmp_path / "runner.db") == {"done": 1000}
